@@ -1,0 +1,242 @@
+//! `vdisk serve` options: from the command line, optionally over a TOML file's `[serve]`
+//! table, checked into a [`ServeConfig`].
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::engine::EngineKind;
+use crate::request::ID_BYTES;
+
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The library maps queues to threads with a 64-bit mask.
+pub const MAX_QUEUES: u16 = 64;
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with a [serve] table; command-line options override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Raw image: a regular file or a block device.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Unix socket to listen on for the vhost-user frontend.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Export read-only (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Number of virtqueues, each served by its own thread [default: 1].
+    #[arg(long)]
+    pub num_queues: Option<u16>,
+    /// Largest virtqueue size offered, a power of two up to 1024 [default: 256].
+    #[arg(long)]
+    pub queue_size: Option<u16>,
+    /// I/O engine; io_uring falls back to sync when the kernel refuses it [default: io_uring].
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineKind>,
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+    /// Serial number returned by GET_ID (up to 20 bytes) [default: vdisk].
+    #[arg(long)]
+    pub serial: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileServe {
+    image: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    readonly: Option<bool>,
+    num_queues: Option<u16>,
+    queue_size: Option<u16>,
+    engine: Option<EngineKind>,
+    direct: Option<bool>,
+    serial: Option<String>,
+}
+
+/// Other tables (for example the demo's) may share the file.
+#[derive(Deserialize, Debug, Default)]
+struct FileConfig {
+    #[serde(default)]
+    serve: FileServe,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub readonly: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub engine: EngineKind,
+    pub direct: bool,
+    pub serial: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("missing {0}: give --{0} or set serve.{0} in --config FILE")]
+    Missing(&'static str),
+    #[error("{key} = {value}: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+fn load_file(path: &Path) -> Result<FileServe, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(parsed.serve)
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileServe::default(),
+        };
+        let image = args
+            .image
+            .or(file.image)
+            .ok_or(ConfigError::Missing("image"))?;
+        let socket = args
+            .socket
+            .or(file.socket)
+            .ok_or(ConfigError::Missing("socket"))?;
+        let num_queues = args.num_queues.or(file.num_queues).unwrap_or(1);
+        if num_queues == 0 || num_queues > MAX_QUEUES {
+            return Err(ConfigError::Invalid {
+                key: "num-queues",
+                value: num_queues.to_string(),
+                why: "must be between 1 and 64",
+            });
+        }
+        let queue_size = args
+            .queue_size
+            .or(file.queue_size)
+            .unwrap_or(DEFAULT_QUEUE_SIZE);
+        if !queue_size.is_power_of_two() || !(4..=1024).contains(&queue_size) {
+            return Err(ConfigError::Invalid {
+                key: "queue-size",
+                value: queue_size.to_string(),
+                why: "must be a power of two between 4 and 1024",
+            });
+        }
+        let serial = args
+            .serial
+            .or(file.serial)
+            .unwrap_or_else(|| "vdisk".to_string());
+        if serial.len() > ID_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "serial",
+                value: serial,
+                why: "must be at most 20 bytes",
+            });
+        }
+        Ok(ServeConfig {
+            image,
+            socket,
+            readonly: args.readonly || file.readonly.unwrap_or(false),
+            num_queues,
+            queue_size,
+            engine: args.engine.or(file.engine).unwrap_or(EngineKind::IoUring),
+            direct: args.direct || file.direct.unwrap_or(false),
+            serial,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(image: &str, socket: &str) -> ServeArgs {
+        ServeArgs {
+            image: Some(image.into()),
+            socket: Some(socket.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = ServeConfig::try_from(args("a.img", "s.sock")).expect("valid");
+        assert_eq!(c.num_queues, 1);
+        assert_eq!(c.queue_size, 256);
+        assert_eq!(c.engine, EngineKind::IoUring);
+        assert_eq!(c.serial, "vdisk");
+        assert!(!c.readonly && !c.direct);
+    }
+
+    #[test]
+    fn missing_image_names_the_option() {
+        let e = ServeConfig::try_from(ServeArgs {
+            socket: Some("s".into()),
+            ..Default::default()
+        })
+        .expect_err("must fail");
+        assert!(e.to_string().contains("--image"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut a = args("a", "s");
+        a.num_queues = Some(0);
+        assert!(ServeConfig::try_from(a).is_err());
+        let mut a = args("a", "s");
+        a.queue_size = Some(100);
+        assert!(ServeConfig::try_from(a).is_err());
+        let mut a = args("a", "s");
+        a.serial = Some("x".repeat(21));
+        assert!(ServeConfig::try_from(a).is_err());
+    }
+
+    #[test]
+    fn file_then_command_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.toml");
+        std::fs::write(
+            &path,
+            "[serve]\nimage = \"f.img\"\nsocket = \"f.sock\"\nnum_queues = 4\nengine = \"sync\"\n\n[demo]\nsize = \"1G\"\n",
+        )
+        .expect("write");
+        let c = ServeConfig::try_from(ServeArgs {
+            config: Some(path.clone()),
+            socket: Some("cli.sock".into()),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.image, PathBuf::from("f.img"));
+        assert_eq!(c.socket, PathBuf::from("cli.sock"));
+        assert_eq!(c.num_queues, 4);
+        assert_eq!(c.engine, EngineKind::Sync);
+
+        std::fs::write(&path, "[serve]\nimgae = \"typo\"\n").expect("write");
+        let e = ServeConfig::try_from(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(e.to_string().contains("imgae"), "{e}");
+    }
+}

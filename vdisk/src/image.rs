@@ -1,0 +1,135 @@
+//! Raw images: a regular file or a block device, addressed byte for byte.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot read the size of image {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error("image {path} is not a regular file or block device")]
+    NotAFileOrDevice { path: PathBuf },
+    #[error("image {path} is smaller than one 512-byte sector")]
+    TooSmall { path: PathBuf },
+}
+
+#[derive(Debug)]
+pub struct RawImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+    is_block_device: bool,
+}
+
+impl RawImage {
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<RawImage, ImageError> {
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| ImageError::Size {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.file_type().is_file() {
+            return Err(ImageError::NotAFileOrDevice {
+                path: path.to_path_buf(),
+            });
+        }
+        // Seeking to the end gives the size of block devices as well as files.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| ImageError::Size {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if size < crate::request::SECTOR_SIZE {
+            return Err(ImageError::TooSmall {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(RawImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            read_only,
+            is_block_device,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in bytes; a trailing partial sector is not exposed to the guest.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    /// Make every completed write durable.
+    pub fn sync(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    /// Zero `len` bytes at `offset` by writing zeros, for files whose filesystem does not
+    /// support fallocate's zeroing modes.
+    pub fn write_zeros_slow(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // Aligned so that O_DIRECT images accept it too.
+        const CHUNK: usize = 1 << 20;
+        let layout = std::alloc::Layout::from_size_align(CHUNK, 4096)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size; the buffer is freed below on every path.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "zero buffer"));
+        }
+        // SAFETY: ptr is a live, zeroed allocation of CHUNK bytes owned by this function.
+        let zeros = unsafe { std::slice::from_raw_parts(ptr, CHUNK) };
+        let mut done = 0u64;
+        let result = loop {
+            if done >= len {
+                break Ok(());
+            }
+            let n = (len - done).min(CHUNK as u64) as usize;
+            if let Err(e) = self.file.write_all_at(&zeros[..n], offset + done) {
+                break Err(e);
+            }
+            done += n as u64;
+        };
+        // SAFETY: allocated above with the same layout, and `zeros` is not used after this.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        result
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}

@@ -1,0 +1,76 @@
+//! `vdisk serve`: open the image, claim the socket, serve frontends until a signal.
+
+use std::sync::Arc;
+
+use common::server::{serve_forever, SessionHooks};
+use tracing::{error, info};
+use vhost_user_backend::VhostUserDaemon;
+
+use crate::backend::BlkBackend;
+use crate::config::ServeConfig;
+use crate::device::Device;
+use crate::image::RawImage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Socket(#[from] common::socket::SocketError),
+    #[error(transparent)]
+    Server(#[from] common::server::ServerError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+struct Hooks(BlkBackend);
+
+impl SessionHooks<BlkBackend> for Hooks {
+    fn attach(&self, daemon: &VhostUserDaemon<BlkBackend>) -> Result<(), String> {
+        self.0.attach(daemon)
+    }
+
+    fn detached(&self) {
+        self.0.detached();
+    }
+}
+
+pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    let image = Arc::new(RawImage::open(&cfg.image, cfg.readonly, cfg.direct)?);
+    let dev = Device::new(image.clone(), cfg.num_queues, cfg.queue_size, &cfg.serial);
+    let backend = BlkBackend::new(dev, cfg.engine);
+    let mut claimed = common::socket::claim(&cfg.socket)?;
+
+    let files = claimed.files();
+    let on_signal = backend.clone();
+    common::shutdown::on_termination(move |_| {
+        let code = match on_signal.shutdown() {
+            Ok(()) => 0,
+            Err(e) => {
+                error!(image = %on_signal.device().image.path().display(), "final flush failed: {e}");
+                1
+            }
+        };
+        files.remove();
+        info!("exiting");
+        std::process::exit(code);
+    })
+    .map_err(ServeError::Signals)?;
+
+    info!(
+        image = %image.path().display(),
+        size = image.size(),
+        block_device = image.is_block_device(),
+        readonly = cfg.readonly,
+        direct = cfg.direct,
+        queues = cfg.num_queues,
+        queue_size = cfg.queue_size,
+        engine = ?backend.engine_kind(),
+        socket = %cfg.socket.display(),
+        "vdisk serving"
+    );
+    let socket = cfg.socket.display().to_string();
+    let hooks = Hooks(backend.clone());
+    serve_forever("vdisk", &socket, &mut claimed.listener, backend, &hooks)?;
+    Ok(())
+}
