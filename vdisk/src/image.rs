@@ -129,6 +129,11 @@ impl RawImage {
         result
     }
 
+    #[cfg(test)]
+    pub fn file_for_tests(&self) -> &File {
+        &self.file
+    }
+
     pub fn raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
     }

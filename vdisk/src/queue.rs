@@ -430,3 +430,227 @@ impl QueueWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
+    use super::*;
+    use crate::engine::EngineKind;
+    use crate::image::RawImage;
+
+    const QSIZE: u16 = 32;
+    const IMAGE_SIZE: usize = 1 << 20;
+
+    struct Fixture {
+        mem: GuestMemoryAtomic<Mem>,
+        vring: VringRwLock,
+        dev: Device,
+        _file: tempfile::NamedTempFile,
+    }
+
+    fn fixture(read_only: bool) -> Fixture {
+        let mut file = tempfile::NamedTempFile::new().expect("temp image");
+        file.write_all(&vec![0u8; IMAGE_SIZE]).expect("fill image");
+        let image = RawImage::open(file.path(), read_only, false).expect("open image");
+        let dev = Device::new(Arc::new(image), 1, QSIZE, "unit-serial");
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory"),
+        );
+        let vring = VringRwLock::new(mem.clone(), QSIZE).expect("vring");
+        Fixture {
+            mem,
+            vring,
+            dev,
+            _file: file,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    /// Chain `descs` together starting at table index `first`.
+    fn chain(descs: &[RawDescriptor], first: u16) -> Vec<RawDescriptor> {
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = SplitDescriptor::from(*d);
+                let last = i == descs.len() - 1;
+                let flags = if last {
+                    d.flags()
+                } else {
+                    d.flags() | VRING_DESC_F_NEXT as u16
+                };
+                RawDescriptor::from(SplitDescriptor::new(
+                    d.addr().0,
+                    d.len(),
+                    flags,
+                    first + i as u16 + 1,
+                ))
+            })
+            .collect()
+    }
+
+    fn header(mem: &Mem, addr: u64, ty: u32, sector: u64) {
+        mem.write_obj(ty, GuestAddress(addr)).expect("hdr");
+        mem.write_obj(0u32, GuestAddress(addr + 4)).expect("hdr");
+        mem.write_obj(sector, GuestAddress(addr + 8)).expect("hdr");
+    }
+
+    fn run_batch(engine: EngineKind) {
+        let f = fixture(false);
+        let m = f.mem.memory();
+        let vq = MockSplitQueue::new(&*m, QSIZE);
+        {
+            let mut st = f.vring.get_mut();
+            let q = st.get_queue_mut();
+            q.set_size(QSIZE);
+            q.set_desc_table_address(Some(vq.desc_table_addr().0 as u32), Some(0));
+            q.set_avail_ring_address(Some(vq.avail_addr().0 as u32), Some(0));
+            q.set_used_ring_address(Some(vq.used_addr().0 as u32), Some(0));
+            q.set_ready(true);
+        }
+        f.vring.set_enabled(true);
+
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(0x2_0000))
+            .expect("pattern");
+        // 0: write the pattern at sector 8.
+        header(&m, 0x1_0000, VIRTIO_BLK_T_OUT, 8);
+        // 1: data descriptor outside guest memory.
+        header(&m, 0x1_0100, VIRTIO_BLK_T_IN, 0);
+        // 2: unknown request type.
+        header(&m, 0x1_0200, 99, 0);
+        // 3: read the pattern back.
+        header(&m, 0x1_0300, VIRTIO_BLK_T_IN, 8);
+        // 4: no status descriptor at all.
+        header(&m, 0x1_0400, VIRTIO_BLK_T_FLUSH, 0);
+        // 5: GET_ID.
+        header(&m, 0x1_0500, VIRTIO_BLK_T_GET_ID, 0);
+        // 6: flush, after the hostile ones: the queue keeps working.
+        header(&m, 0x1_0600, VIRTIO_BLK_T_FLUSH, 0);
+        let chains: Vec<Vec<RawDescriptor>> = vec![
+            vec![
+                desc(0x1_0000, 16, false),
+                desc(0x2_0000, 4096, false),
+                desc(0x5_0000, 1, true),
+            ],
+            vec![
+                desc(0x1_0100, 16, false),
+                desc(0x900_0000, 512, true),
+                desc(0x5_0001, 1, true),
+            ],
+            vec![desc(0x1_0200, 16, false), desc(0x5_0002, 1, true)],
+            vec![
+                desc(0x1_0300, 16, false),
+                desc(0x3_0000, 4096, true),
+                desc(0x5_0003, 1, true),
+            ],
+            vec![desc(0x1_0400, 16, false)],
+            vec![
+                desc(0x1_0500, 16, false),
+                desc(0x4_0000, 20, true),
+                desc(0x5_0005, 1, true),
+            ],
+            vec![desc(0x1_0600, 16, false), desc(0x5_0006, 1, true)],
+        ];
+        // Requests in one batch may run in any order (as on real hardware), so the
+        // read-back goes in a second batch after the first has completed.
+        let read_back = 3;
+        let mut heads = Vec::new();
+        let mut index = 0u16;
+        let mut worker = QueueWorker::new(0, Engine::new(engine, f.dev.image.raw_fd(), 32));
+        let arc = m.clone().into_inner();
+        for batch in [&[0usize, 1, 2, 4, 5, 6][..], &[read_back][..]] {
+            for &i in batch {
+                let c = &chains[i];
+                vq.add_desc_chains(&chain(c, index), index)
+                    .expect("add chain");
+                heads.push((i, index));
+                index += c.len() as u16;
+            }
+            worker.process_queue(&f.vring, &arc, &f.dev);
+            // io_uring may complete some of the I/O asynchronously.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while vq.used().idx().load() < heads.len() as u16 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "requests never completed"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                worker.process_completions(&f.vring, &f.dev);
+            }
+        }
+        assert_eq!(vq.used().idx().load(), chains.len() as u16);
+        let head_of = |i: usize| heads.iter().find(|h| h.0 == i).map(|h| u32::from(h.1));
+
+        let status = |a: u64| m.read_obj::<u8>(GuestAddress(a)).expect("status");
+        assert_eq!(status(0x5_0000), VIRTIO_BLK_S_OK as u8, "write");
+        assert_eq!(status(0x5_0001), VIRTIO_BLK_S_IOERR as u8, "out of bounds");
+        assert_eq!(status(0x5_0002), VIRTIO_BLK_S_UNSUPP as u8, "unknown type");
+        assert_eq!(status(0x5_0003), VIRTIO_BLK_S_OK as u8, "read");
+        assert_eq!(status(0x5_0005), VIRTIO_BLK_S_OK as u8, "get id");
+        assert_eq!(status(0x5_0006), VIRTIO_BLK_S_OK as u8, "flush");
+
+        let mut back = vec![0u8; 4096];
+        m.read_slice(&mut back, GuestAddress(0x3_0000))
+            .expect("read back");
+        assert!(back == pattern, "read returns what was written");
+        let mut on_disk = vec![0u8; 4096];
+        f.dev
+            .image
+            .file_for_tests()
+            .read_exact_at(&mut on_disk, 8 * 512)
+            .expect("image");
+        assert!(on_disk == pattern, "the image file holds the write");
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(0x4_0000)).expect("id");
+        assert_eq!(&id[..11], b"unit-serial");
+
+        let s = &f.dev.stats;
+        assert_eq!(s.err_desc_out_of_bounds.load(Ordering::Relaxed), 1);
+        assert_eq!(s.err_unsupported.load(Ordering::Relaxed), 1);
+        assert_eq!(s.err_missing_status.load(Ordering::Relaxed), 1);
+        assert_eq!(s.writes.load(Ordering::Relaxed), 1);
+        assert_eq!(s.reads.load(Ordering::Relaxed), 1);
+
+        // Every chain, hostile ones included, went back to the guest.
+        let used: Vec<(u32, u32)> = (0..chains.len())
+            .map(|i| {
+                let e = vq.used().ring().ref_at(i).expect("used").load();
+                (e.id(), e.len())
+            })
+            .collect();
+        let used_len = |i: usize| {
+            let id = head_of(i).expect("submitted");
+            used.iter().find(|u| u.0 == id).map(|u| u.1)
+        };
+        assert_eq!(used_len(0), Some(1), "write: {used:?}");
+        assert_eq!(used_len(read_back), Some(4097), "read: {used:?}");
+        assert_eq!(used_len(4), Some(0), "no-status chain: {used:?}");
+        assert_eq!(used_len(5), Some(21), "get id: {used:?}");
+    }
+
+    #[test]
+    fn batch_with_hostile_chains_sync() {
+        run_batch(EngineKind::Sync);
+    }
+
+    #[test]
+    fn batch_with_hostile_chains_io_uring() {
+        run_batch(EngineKind::IoUring);
+    }
+}

@@ -430,3 +430,409 @@ where
         used_len,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x9000;
+    /// Two adjacent regions, so a buffer can straddle them.
+    const REGION: u64 = 0x10000;
+    const CAPACITY: u64 = 1024;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), REGION as usize),
+            (GuestAddress(REGION), REGION as usize),
+        ])
+        .expect("guest memory")
+    }
+
+    fn limits(read_only: bool) -> Limits {
+        Limits {
+            capacity_sectors: CAPACITY,
+            read_only,
+            max_discard_sectors: 1 << 22,
+            max_discard_seg: 4,
+            max_write_zeroes_sectors: 1 << 22,
+            max_write_zeroes_seg: 4,
+        }
+    }
+
+    fn rd(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+    }
+
+    fn wr(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))
+    }
+
+    fn header(mem: &GuestMemoryMmap<()>, addr: u64, ty: u32, sector: u64) {
+        mem.write_obj(ty.to_le(), GuestAddress(addr)).expect("type");
+        mem.write_obj(0u32, GuestAddress(addr + 4)).expect("ioprio");
+        mem.write_obj(sector.to_le(), GuestAddress(addr + 8))
+            .expect("sector");
+    }
+
+    fn run(
+        mem: &GuestMemoryMmap<()>,
+        descs: &[RawDescriptor],
+        read_only: bool,
+    ) -> Result<Request, Rejected> {
+        let vq = MockSplitQueue::new(mem, 16);
+        let chain = vq.build_desc_chain(descs).expect("chain");
+        parse(chain, mem, &limits(read_only))
+    }
+
+    fn rejected(r: Result<Request, Rejected>) -> Rejected {
+        match r {
+            Ok(req) => panic!("expected a rejection, got {req:?}"),
+            Err(r) => r,
+        }
+    }
+
+    #[test]
+    fn read_request() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 8);
+        let req = run(&m, &[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)], false).expect("valid");
+        assert_eq!(
+            req.kind,
+            Kind::Read {
+                offset: 4096,
+                len: 4096
+            }
+        );
+        assert_eq!(req.used_len, 4097);
+        assert_eq!(req.status, GuestAddress(STATUS));
+        assert_eq!(req.iovecs.len(), 1);
+        assert_eq!(req.iovecs[0].iov_len, 4096);
+    }
+
+    #[test]
+    fn write_request_with_header_split_and_data_across_regions() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 2);
+        // Header in two 8-byte pieces; data straddles the region boundary.
+        let req = run(
+            &m,
+            &[
+                rd(HDR, 8),
+                rd(HDR + 8, 8),
+                rd(REGION - 512, 1024),
+                wr(STATUS, 1),
+            ],
+            false,
+        )
+        .expect("valid");
+        assert_eq!(
+            req.kind,
+            Kind::Write {
+                offset: 1024,
+                len: 1024
+            }
+        );
+        assert_eq!(req.iovecs.len(), 2, "one iovec per memory region");
+        assert_eq!(req.used_len, 1);
+    }
+
+    #[test]
+    fn data_and_status_in_one_descriptor() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let req = run(&m, &[rd(HDR, 16), wr(DATA, 513)], false).expect("valid");
+        assert_eq!(
+            req.kind,
+            Kind::Read {
+                offset: 0,
+                len: 512
+            }
+        );
+        assert_eq!(req.status, GuestAddress(DATA + 512));
+    }
+
+    #[test]
+    fn descriptor_outside_guest_memory() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), wr(0x100_0000, 512), wr(STATUS, 1)],
+            false,
+        ));
+        assert!(
+            matches!(r.error, RequestError::DescOutOfBounds { .. }),
+            "{r:?}"
+        );
+        assert_eq!(r.status, Some(GuestAddress(STATUS)));
+        assert_eq!(r.error.status(), VIRTIO_BLK_S_IOERR as u8);
+
+        // A buffer that starts inside memory and runs off its end.
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), wr(2 * REGION - 512, 1024), wr(STATUS, 1)],
+            false,
+        ));
+        assert!(
+            matches!(r.error, RequestError::DescOutOfBounds { .. }),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn header_outside_guest_memory() {
+        let m = mem();
+        let r = rejected(run(&m, &[rd(0x100_0000, 16), wr(STATUS, 1)], false));
+        assert!(
+            matches!(r.error, RequestError::DescOutOfBounds { .. }),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn status_outside_guest_memory_has_no_status() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let r = rejected(run(&m, &[rd(HDR, 16), wr(0x100_0000, 1)], false));
+        assert!(
+            matches!(r.error, RequestError::DescOutOfBounds { .. }),
+            "{r:?}"
+        );
+        assert_eq!(r.status, None);
+    }
+
+    #[test]
+    fn readable_after_writable_is_wrong_direction() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), wr(DATA, 512), rd(DATA, 512), wr(STATUS, 1)],
+            false,
+        ));
+        assert_eq!(r.error, RequestError::WrongDirection);
+    }
+
+    #[test]
+    fn write_data_in_writable_descriptor_is_not_written() {
+        // A WRITE whose data sits in a device-writable buffer has no data-out: it is a
+        // zero-length write and the buffer is never read as data.
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let req = run(&m, &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)], false).expect("valid");
+        assert_eq!(req.kind, Kind::Write { offset: 0, len: 0 });
+        assert!(req.iovecs.is_empty());
+    }
+
+    #[test]
+    fn short_header() {
+        let m = mem();
+        let r = rejected(run(&m, &[rd(HDR, 8), wr(STATUS, 1)], false));
+        assert_eq!(r.error, RequestError::ShortHeader(8));
+        assert_eq!(r.status, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn missing_status() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let r = rejected(run(&m, &[rd(HDR, 16)], false));
+        assert_eq!(r.error, RequestError::MissingStatus);
+        assert_eq!(r.status, None);
+        // A zero-length writable descriptor is no status either.
+        let r = rejected(run(&m, &[rd(HDR, 16), wr(STATUS, 0)], false));
+        assert_eq!(r.error, RequestError::MissingStatus);
+    }
+
+    #[test]
+    fn beyond_capacity() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, CAPACITY - 1);
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), wr(DATA, 1024), wr(STATUS, 1)],
+            false,
+        ));
+        assert!(
+            matches!(r.error, RequestError::BeyondCapacity { .. }),
+            "{r:?}"
+        );
+        // The last sector itself is fine.
+        let req = run(&m, &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)], false).expect("valid");
+        assert_eq!(
+            req.kind,
+            Kind::Read {
+                offset: (CAPACITY - 1) * 512,
+                len: 512
+            }
+        );
+    }
+
+    #[test]
+    fn sector_overflow() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, u64::MAX - 1);
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), rd(DATA, 4096), wr(STATUS, 1)],
+            false,
+        ));
+        assert!(
+            matches!(r.error, RequestError::BeyondCapacity { .. }),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn partial_sector_length() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let r = rejected(run(&m, &[rd(HDR, 16), wr(DATA, 100), wr(STATUS, 1)], false));
+        assert!(matches!(r.error, RequestError::BadLength(_)), "{r:?}");
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), rd(DATA, 1000), wr(STATUS, 1)],
+            false,
+        ));
+        assert!(matches!(r.error, RequestError::BadLength(_)), "{r:?}");
+    }
+
+    #[test]
+    fn write_to_read_only_device() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let r = rejected(run(&m, &[rd(HDR, 16), rd(DATA, 512), wr(STATUS, 1)], true));
+        assert_eq!(r.error, RequestError::ReadOnly);
+        assert_eq!(r.error.status(), VIRTIO_BLK_S_IOERR as u8);
+        for ty in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            header(&m, HDR, ty, 0);
+            let r = rejected(run(&m, &[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)], true));
+            assert_eq!(r.error, RequestError::ReadOnly);
+        }
+        // Reads still work.
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        run(&m, &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)], true).expect("read on RO");
+    }
+
+    #[test]
+    fn unknown_type_is_unsupported() {
+        let m = mem();
+        header(&m, HDR, 0xdead, 0);
+        let r = rejected(run(&m, &[rd(HDR, 16), wr(STATUS, 1)], false));
+        assert_eq!(r.error, RequestError::Unsupported(0xdead));
+        assert_eq!(r.error.status(), VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn get_id_is_capped_at_20_bytes() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_GET_ID, 0);
+        let req = run(&m, &[rd(HDR, 16), wr(DATA, 64), wr(STATUS, 1)], false).expect("valid");
+        assert_eq!(req.kind, Kind::GetId);
+        assert_eq!(req.used_len, 21);
+    }
+
+    fn segment(mem: &GuestMemoryMmap<()>, addr: u64, sector: u64, n: u32, flags: u32) {
+        mem.write_obj(sector.to_le(), GuestAddress(addr))
+            .expect("seg");
+        mem.write_obj(n.to_le(), GuestAddress(addr + 8))
+            .expect("seg");
+        mem.write_obj(flags.to_le(), GuestAddress(addr + 12))
+            .expect("seg");
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_segments() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        segment(&m, DATA, 8, 16, 0);
+        segment(&m, DATA + 16, 100, 1, 0);
+        let req = run(&m, &[rd(HDR, 16), rd(DATA, 32), wr(STATUS, 1)], false).expect("valid");
+        assert_eq!(
+            req.kind,
+            Kind::Discard(vec![
+                Range {
+                    offset: 4096,
+                    len: 8192
+                },
+                Range {
+                    offset: 51200,
+                    len: 512
+                }
+            ])
+        );
+
+        header(&m, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&m, DATA, 0, 8, WRITE_ZEROES_FLAG_UNMAP);
+        let req = run(&m, &[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)], false).expect("valid");
+        assert_eq!(
+            req.kind,
+            Kind::WriteZeroes {
+                ranges: vec![Range {
+                    offset: 0,
+                    len: 4096
+                }],
+                unmap: true
+            }
+        );
+    }
+
+    #[test]
+    fn bad_discard_segments() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        // The unmap flag is not allowed on discard.
+        segment(&m, DATA, 0, 8, WRITE_ZEROES_FLAG_UNMAP);
+        let r = rejected(run(&m, &[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)], false));
+        assert!(matches!(r.error, RequestError::Unsupported(_)), "{r:?}");
+        // Beyond capacity.
+        segment(&m, DATA, CAPACITY, 1, 0);
+        let r = rejected(run(&m, &[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)], false));
+        assert!(
+            matches!(r.error, RequestError::BeyondCapacity { .. }),
+            "{r:?}"
+        );
+        // Not a whole segment, and more segments than advertised.
+        let r = rejected(run(&m, &[rd(HDR, 16), rd(DATA, 15), wr(STATUS, 1)], false));
+        assert!(matches!(r.error, RequestError::BadLength(_)), "{r:?}");
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), rd(DATA, 16 * 5), wr(STATUS, 1)],
+            false,
+        ));
+        assert!(matches!(r.error, RequestError::BadLength(_)), "{r:?}");
+        // No segment at all.
+        let r = rejected(run(&m, &[rd(HDR, 16), wr(STATUS, 1)], false));
+        assert!(matches!(r.error, RequestError::BadLength(_)), "{r:?}");
+    }
+
+    #[test]
+    fn too_many_iovecs() {
+        // readv takes at most 1024 pieces; a chain that needs more is refused, not split.
+        let m = mem();
+        let segs: Vec<Seg> = (0..1025)
+            .map(|i| Seg {
+                addr: GuestAddress(DATA + i * 16),
+                len: 16,
+            })
+            .collect();
+        let mut out = Vec::new();
+        let err = host_iovecs(&m, &segs, 0, 1025 * 16, &mut out).expect_err("too many");
+        assert!(matches!(err, RequestError::BadLength(_)), "{err:?}");
+        out.clear();
+        host_iovecs(&m, &segs[..1024], 0, 1024 * 16, &mut out).expect("1024 is fine");
+        assert_eq!(out.len(), 1024);
+    }
+}
