@@ -174,7 +174,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.inner.dev.write_config(offset, buf)
+        self.inner.dev.write_config(offset, buf);
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {

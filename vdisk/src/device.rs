@@ -148,20 +148,24 @@ impl Device {
         out
     }
 
-    /// The driver may write only the `writeback` byte.
-    pub fn write_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+    /// The driver may write only the `writeback` byte. Writes to read-only fields are
+    /// ignored, as QEMU's virtio-blk does: with vhost-user an error reply would end the
+    /// whole session over a harmless driver mistake.
+    pub fn write_config(&self, offset: u32, buf: &[u8]) {
         if offset as usize == cfg::WRITEBACK && buf.len() == 1 {
             let wb = buf[0] != 0;
             self.writeback.store(wb, Ordering::Relaxed);
             tracing::info!(writeback = wb, "guest changed the cache mode");
-            return Ok(());
+            return;
         }
-        Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "config write of {} bytes at offset {offset} is not allowed",
-                buf.len()
-            ),
-        ))
+        let n = crate::stats::Stats::add(&self.stats.err_config_write, 1);
+        if crate::stats::should_log(n) {
+            tracing::warn!(
+                offset,
+                len = buf.len(),
+                count = n,
+                "ignored a config write outside the writeback field"
+            );
+        }
     }
 }

@@ -195,7 +195,7 @@ impl QueueWorker {
             }
             Kind::GetId => {
                 Stats::add(&s.get_ids, 1);
-                self.complete_get_id(req, dev);
+                self.complete_get_id(req, mem, dev);
                 return;
             }
             Kind::Discard(_) => {
@@ -290,7 +290,7 @@ impl QueueWorker {
         }
     }
 
-    fn complete_get_id(&mut self, req: Request, dev: &Device) {
+    fn complete_get_id(&mut self, req: Request, mem: &Mem, dev: &Device) {
         let mut src: &[u8] = &dev.serial[..ID_BYTES];
         for v in &req.iovecs {
             let n = v.iov_len.min(src.len());
@@ -299,7 +299,13 @@ impl QueueWorker {
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), v.iov_base.cast::<u8>(), n) };
             src = &src[n..];
         }
-        self.done.push((req.head, req.used_len));
+        match mem.write_obj(VIRTIO_BLK_S_OK as u8, req.status) {
+            Ok(()) => self.done.push((req.head, req.used_len)),
+            Err(e) => {
+                warn!(queue = self.index, "cannot write status: {e}");
+                self.done.push((req.head, 0));
+            }
+        }
     }
 
     fn reap(&mut self, dev: &Device) {
@@ -525,6 +531,9 @@ mod tests {
         }
         f.vring.set_enabled(true);
 
+        // Status bytes start as garbage, so a missing status write shows.
+        m.write_slice(&[0xa5; 8], GuestAddress(0x5_0000))
+            .expect("poison");
         let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
         m.write_slice(&pattern, GuestAddress(0x2_0000))
             .expect("pattern");

@@ -38,6 +38,7 @@ counters!(
         err_read_only,
         err_unsupported,
         err_io,
+        err_config_write,
     }
 );
 
