@@ -1,0 +1,398 @@
+//! The load generator: libblkio's virtio-blk-vhost-user driver with one thread per queue, each
+//! keeping `qd` requests in flight and (by default) busy-polling its queue for completions.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
+
+use super::{Op, Pattern, Workload};
+use crate::signals;
+
+/// A queue that has had no completion for this long means the daemon is hung or gone.
+const STALL: Duration = Duration::from_secs(10);
+
+/// One libblkio connection with its queues and one shared buffer region.
+pub struct Client {
+    // Drop order: queues, then the driver, then (inside libblkio) the region.
+    queues: Vec<Blkioq>,
+    _blkio: Blkio,
+    region: MemoryRegion,
+    capacity: u64,
+    max_segment_len: usize,
+    poll: bool,
+}
+
+/// What one measured window produced.
+pub struct Load {
+    pub ops: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Per-request latencies (submission to completion seen), ns, sorted.
+    pub lat_ns: Vec<u64>,
+}
+
+fn err(what: &str, socket: &Path) -> impl Fn(blkio::Error) -> String {
+    let what = what.to_string();
+    let socket = socket.display().to_string();
+    move |e| format!("libblkio {what} on {socket}: {e} ({})", e.errno())
+}
+
+impl Client {
+    /// Connect to `socket` with `queues` queues: poll queues if `poll`, else interrupt-driven.
+    pub fn connect(
+        socket: &Path,
+        queues: usize,
+        poll: bool,
+        region_len: usize,
+    ) -> Result<Client, String> {
+        let path = socket.to_str().ok_or("socket path is not UTF-8")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut b = loop {
+            let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err("new", socket))?;
+            b.set_str("path", path).map_err(err("set path", socket))?;
+            match b.connect() {
+                Ok(()) => break b,
+                Err(e) if e.errno() == Errno::CONNREFUSED && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(err("connect", socket)(e)),
+            }
+        };
+        let capacity = b.get_u64("capacity").map_err(err("get capacity", socket))?;
+        let max_segment_len = b
+            .get_i32("max-segment-len")
+            .map_err(err("get max-segment-len", socket))?
+            .max(0) as usize;
+        let (nq, npq) = if poll { (0, queues) } else { (queues, 0) };
+        b.set_i32("num-queues", nq as i32)
+            .map_err(err("set num-queues", socket))?;
+        b.set_i32("num-poll-queues", npq as i32)
+            .map_err(err("set num-poll-queues", socket))?;
+        let started = b.start().map_err(err("start", socket))?;
+        let align = b
+            .get_u64("mem-region-alignment")
+            .map_err(err("get mem-region-alignment", socket))?
+            .max(4096) as usize;
+        let region_len = region_len.div_ceil(align) * align;
+        let region = b
+            .alloc_mem_region(region_len)
+            .map_err(err("alloc_mem_region", socket))?;
+        // Non-zero data so that no layer can shortcut writes of zeros.
+        // SAFETY: the region is a fresh read-write mapping of region.len bytes.
+        unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0x5a, region.len) };
+        b.map_mem_region(&region)
+            .map_err(err("map_mem_region", socket))?;
+        let queues = if poll {
+            started.poll_queues
+        } else {
+            started.queues
+        };
+        Ok(Client {
+            queues,
+            _blkio: b,
+            region,
+            capacity,
+            max_segment_len,
+            poll,
+        })
+    }
+
+    /// Run `wl` with `threads` load threads (the queues dealt out among them): `warmup`,
+    /// then a measured window of `duration` bracketed by `on_start` and `on_stop` (which sample
+    /// the daemon's CPU time), then drain every request.
+    pub fn run(
+        &mut self,
+        wl: &Workload,
+        threads: usize,
+        warmup: Duration,
+        duration: Duration,
+        on_start: &mut dyn FnMut() -> Result<(), String>,
+        on_stop: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Load, String> {
+        if wl.queues > self.queues.len() {
+            return Err(format!(
+                "workload needs {} queues, the connection has {}",
+                wl.queues,
+                self.queues.len()
+            ));
+        }
+        let per_queue = self.region.len / wl.queues;
+        if wl.qd * wl.bs > per_queue {
+            return Err(format!(
+                "buffer region too small: {} queues x QD{} x {} bytes",
+                wl.queues, wl.qd, wl.bs
+            ));
+        }
+        // An interrupt-driven thread blocks on one queue at a time: give each queue its own.
+        let threads = if self.poll { threads.clamp(1, wl.queues) } else { wl.queues };
+        let measuring = AtomicBool::new(false);
+        let stop = AtomicBool::new(false);
+        let ctx = WorkerCtx {
+            wl,
+            capacity: self.capacity,
+            max_segment_len: self.max_segment_len,
+            poll: self.poll,
+            measuring: &measuring,
+            stop: &stop,
+        };
+        // Queue i goes to thread i % threads, with its own slice of the region.
+        let base = self.region.addr;
+        let mut groups: Vec<Vec<(usize, &mut Blkioq, usize)>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, q) in self.queues[..wl.queues].iter_mut().enumerate() {
+            groups[i % threads].push((i, q, base + i * per_queue));
+        }
+        std::thread::scope(|s| {
+            let workers: Vec<_> = groups
+                .into_iter()
+                .map(|group| {
+                    let ctx = &ctx;
+                    s.spawn(move || ctx.work(group))
+                })
+                .collect();
+
+            let control = (|| {
+                sleep_checked(warmup, &stop)?;
+                on_start()?;
+                let t0 = Instant::now();
+                measuring.store(true, Ordering::SeqCst);
+                sleep_checked(duration, &stop)?;
+                measuring.store(false, Ordering::SeqCst);
+                let elapsed = t0.elapsed();
+                on_stop()?;
+                Ok::<_, String>(elapsed)
+            })();
+            stop.store(true, Ordering::SeqCst);
+
+            let mut load = Load {
+                ops: 0,
+                bytes: 0,
+                elapsed: Duration::ZERO,
+                lat_ns: Vec::new(),
+            };
+            let mut first_err = None;
+            for w in workers {
+                match w.join() {
+                    Ok(Ok(stats)) => {
+                        load.ops += stats.len() as u64;
+                        load.lat_ns.extend(stats);
+                    }
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert("load thread panicked".to_string());
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            load.elapsed = control?;
+            load.bytes = load.ops * wl.bs as u64;
+            load.lat_ns.sort_unstable();
+            Ok(load)
+        })
+    }
+}
+
+/// Sleep for `d` unless a worker failed (`stop`) or the run was interrupted.
+fn sleep_checked(d: Duration, stop: &AtomicBool) -> Result<(), String> {
+    let end = Instant::now() + d;
+    loop {
+        signals::check()?;
+        if stop.load(Ordering::Relaxed) {
+            return Err("a load thread stopped early".to_string());
+        }
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+struct WorkerCtx<'a> {
+    wl: &'a Workload,
+    capacity: u64,
+    max_segment_len: usize,
+    poll: bool,
+    measuring: &'a AtomicBool,
+    stop: &'a AtomicBool,
+}
+
+/// xorshift64*: plenty for picking offsets, and cheap enough not to show in the profile.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// One queue as a load thread drives it: its request slots and where the next offset comes from.
+struct QueueLoad<'q> {
+    q: &'q mut Blkioq,
+    /// Per slot: the buffer's iovecs (split at SIZE_MAX) and when it was last submitted.
+    slots: Vec<(Vec<blkio::iovec>, Instant)>,
+    rng: XorShift,
+    cursor: u64,
+    in_flight: usize,
+}
+
+impl WorkerCtx<'_> {
+    /// Drive `queues`; returns the latencies (ns) of the requests completed in the window.
+    fn work(&self, queues: Vec<(usize, &mut Blkioq, usize)>) -> Result<Vec<u64>, String> {
+        let r = self.work_inner(queues);
+        if r.is_err() {
+            // Tell the controller and the other workers at once.
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn next_offset(&self, ql: &mut QueueLoad<'_>) -> u64 {
+        let bs = self.wl.bs as u64;
+        let blocks = self.capacity / bs;
+        match self.wl.pattern {
+            Pattern::Random => (ql.rng.next() % blocks) * bs,
+            Pattern::Sequential => {
+                let o = ql.cursor * bs;
+                ql.cursor = (ql.cursor + 1) % blocks;
+                o
+            }
+        }
+    }
+
+    fn submit(&self, ql: &mut QueueLoad<'_>, slot: usize, now: Instant) {
+        let off = self.next_offset(ql);
+        let (iov, submitted) = &mut ql.slots[slot];
+        *submitted = now;
+        let (p, n) = (iov.as_ptr(), iov.len() as u32);
+        match self.wl.op {
+            Op::Read => ql.q.readv(off, p, n, slot, ReqFlags::empty()),
+            Op::Write => ql.q.writev(off, p, n, slot, ReqFlags::empty()),
+        }
+    }
+
+    fn work_inner(&self, queues: Vec<(usize, &mut Blkioq, usize)>) -> Result<Vec<u64>, String> {
+        let wl = self.wl;
+        let bs = wl.bs;
+        let blocks = self.capacity / bs as u64;
+        if blocks == 0 {
+            return Err(format!("device ({} bytes) smaller than one block", self.capacity));
+        }
+        let seg = if self.max_segment_len > 0 {
+            self.max_segment_len.min(bs)
+        } else {
+            bs
+        };
+        let now = Instant::now();
+        let mut loads: Vec<QueueLoad<'_>> = queues
+            .into_iter()
+            .map(|(index, q, buf)| QueueLoad {
+                q,
+                slots: (0..wl.qd)
+                    .map(|i| {
+                        let start = buf + i * bs;
+                        let iov = (0..bs)
+                            .step_by(seg)
+                            .map(|o| blkio::iovec {
+                                iov_base: (start + o) as *mut libc::c_void,
+                                iov_len: seg.min(bs - o),
+                            })
+                            .collect();
+                        (iov, now)
+                    })
+                    .collect(),
+                rng: XorShift(0x9e37_79b9_7f4a_7c15 ^ ((index as u64 + 1) << 32) ^ bs as u64),
+                cursor: (index as u64 * blocks / wl.queues as u64) % blocks,
+                in_flight: wl.qd,
+            })
+            .collect();
+        for ql in loads.iter_mut() {
+            for slot in 0..wl.qd {
+                self.submit(ql, slot, now);
+            }
+        }
+
+        let mut lat = Vec::with_capacity(1 << 20);
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..wl.qd).map(|_| MaybeUninit::uninit()).collect();
+        let mut last_progress = Instant::now();
+        let mut idle_rounds = 0u32;
+        loop {
+            let stopping = self.stop.load(Ordering::Relaxed);
+            if stopping && loads.iter().all(|ql| ql.in_flight == 0) {
+                return Ok(lat);
+            }
+            let mut progress = false;
+            for ql in loads.iter_mut() {
+                if ql.in_flight == 0 {
+                    continue;
+                }
+                let n = self.reap(ql.q, &mut completions)?;
+                if n == 0 {
+                    continue;
+                }
+                progress = true;
+                let now = Instant::now();
+                let measuring = self.measuring.load(Ordering::Relaxed);
+                for c in &completions[..n] {
+                    // SAFETY: do_io initialised the first n completions.
+                    let c = unsafe { c.assume_init_read() };
+                    if c.ret != 0 {
+                        return Err(format!(
+                            "{:?} request failed: {}",
+                            wl.op,
+                            std::io::Error::from_raw_os_error(-c.ret)
+                        ));
+                    }
+                    let slot = c.user_data;
+                    if measuring {
+                        lat.push((now - ql.slots[slot].1).as_nanos() as u64);
+                    }
+                    if stopping {
+                        ql.in_flight -= 1;
+                    } else {
+                        self.submit(ql, slot, now);
+                    }
+                }
+            }
+            if progress {
+                idle_rounds = 0;
+                last_progress = Instant::now();
+            } else {
+                idle_rounds += 1;
+                if (idle_rounds % 4096 == 0 || !self.poll) && last_progress.elapsed() > STALL {
+                    return Err(format!(
+                        "no completion for {STALL:?} with requests in flight: the daemon is \
+                         hung or gone"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Collect what has completed: without waiting on a poll queue, up to 100 ms on an
+    /// interrupt-driven one.
+    fn reap(&self, q: &mut Blkioq, completions: &mut [MaybeUninit<Completion>]) -> Result<usize, String> {
+        let r = if self.poll {
+            q.do_io(completions, 0, None, None)
+        } else {
+            let mut t = Duration::from_millis(100);
+            match q.do_io(completions, 1, Some(&mut t), None) {
+                Err(e) if e.errno() == Errno::TIME => Ok(0),
+                r => r,
+            }
+        };
+        r.map_err(|e| format!("libblkio do_io: {e}"))
+    }
+}
