@@ -117,6 +117,14 @@ impl Engine {
         }
     }
 
+    /// Whether completions are waiting to be reaped (cheap: no syscall).
+    pub fn has_completions(&mut self) -> bool {
+        match self {
+            Engine::Uring(e) => e.has_completions(),
+            Engine::Sync(_) => false,
+        }
+    }
+
     /// The fd that becomes readable when completions arrive asynchronously.
     pub fn completion_fd(&self) -> Option<RawFd> {
         match self {

@@ -9,8 +9,8 @@ use super::{Completion, Op};
 /// The image is registered as fixed file 0, which saves a file-table lookup per request.
 const IMAGE: types::Fixed = types::Fixed(0);
 
-/// One io_uring per queue thread, with an eventfd that fires for completions the kernel
-/// could not deliver inline during submission.
+/// One io_uring per queue thread, with an eventfd in the queue thread's epoll set that
+/// fires when completions arrive.
 pub struct UringEngine {
     ring: IoUring,
     event: EventFd,
@@ -21,14 +21,13 @@ impl UringEngine {
         let entries = entries.clamp(8, 4096).next_power_of_two();
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
-            // Completions are reaped by this thread only; skip the IPI to interrupt it.
-            .setup_coop_taskrun()
-            .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
+            .build(entries)?;
         ring.submitter().register_files(&[fd])?;
         let event = EventFd::new(EFD_NONBLOCK)?;
-        // Inline completions are reaped right after submit; only the others need a wakeup.
-        ring.submitter().register_eventfd_async(event.as_raw_fd())?;
+        // Not register_eventfd_async: that only fires for io-wq completions, and O_DIRECT
+        // and many page-cache reads complete from task work, which would then never wake
+        // the queue thread.
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
         Ok(UringEngine { ring, event })
     }
 
@@ -120,6 +119,10 @@ impl UringEngine {
             tag: cqe.user_data(),
             result: cqe.result(),
         }));
+    }
+
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     pub fn completion_fd(&self) -> RawFd {
