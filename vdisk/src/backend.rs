@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -132,9 +132,9 @@ impl BlkBackend {
         }
     }
 
-    fn current_mem(&self) -> Option<Arc<Mem>> {
+    fn current_mem(&self) -> Option<GuestMemoryAtomic<Mem>> {
         let guard = self.inner.mem.read().ok()?;
-        guard.as_ref().map(|m| m.memory().into_inner())
+        guard.clone()
     }
 }
 

@@ -2,14 +2,15 @@
 //! turns completions into status bytes and used-ring entries. It runs on the queue's own
 //! thread; the mutex around it is taken by other threads only to drain it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::{self, Acquire};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::Device;
 use crate::engine::{Completion, Engine, Op};
@@ -67,44 +68,111 @@ impl QueueWorker {
         &self.engine
     }
 
-    /// The guest kicked the queue: take everything available, submit it in one batch.
-    pub fn process_queue(&mut self, vring: &VringRwLock, mem: &Arc<Mem>, dev: &Device) {
+    /// The guest kicked the queue: take everything available, submit it in one batch, and
+    /// with a poll window keep taking new requests and completions for that long after the
+    /// last activity before sleeping again. While polling, guest notifications stay off, so
+    /// a busy guest does not pay for kicks and this thread does not pay for wakeups.
+    pub fn process_queue(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<Mem>,
+        dev: &Device,
+    ) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let event_idx = dev.event_idx.load(Ordering::Relaxed);
-        {
-            let mut state = vring.get_mut();
-            loop {
-                if event_idx {
-                    if let Err(e) = state.disable_notification() {
-                        warn!(queue = self.index, "cannot disable notifications: {e}");
-                    }
-                }
-                while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
-                    match request::parse(chain, &**mem, &dev.limits) {
-                        Ok(req) => self.start(req, mem, dev),
-                        Err(rejected) => self.reject(rejected, mem, dev),
-                    }
-                }
-                if !event_idx {
-                    break;
-                }
-                match state.enable_notification() {
+        let poll = dev.poll;
+        let mut deadline = Instant::now() + poll;
+        loop {
+            let taken = self.take_available(vring, mem, dev);
+            let polling = !poll.is_zero() && (taken > 0 || Instant::now() < deadline);
+            if !polling {
+                // Re-arm notifications before the guest sees these completions; anything
+                // that slipped in meanwhile is taken first.
+                let more = vring.get_mut().enable_notification();
+                match more {
                     Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!(queue = self.index, "cannot enable notifications: {e}");
-                        break;
-                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(queue = self.index, "cannot enable notifications: {e}"),
+                }
+                self.submit_and_complete(vring, dev);
+                break;
+            }
+            let completed = self.submit_and_complete(vring, dev);
+            if taken + completed > 0 {
+                deadline = Instant::now() + poll;
+            }
+            while !self.work_pending(vring, mem) && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Pop, validate and queue every available chain; returns how many.
+    ///
+    /// The memory view is loaded after reading the avail index, never before: the driver
+    /// adds a memory region (and waits for the ack) before it publishes a request that
+    /// uses it, so a view loaded afterwards holds every region those requests refer to.
+    fn take_available(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<Mem>,
+        dev: &Device,
+    ) -> usize {
+        let mut state = vring.get_mut();
+        if let Err(e) = state.disable_notification() {
+            warn!(queue = self.index, "cannot disable notifications: {e}");
+        }
+        let mut n = 0;
+        loop {
+            let target = match state.get_queue().avail_idx(&*mem.memory(), Acquire) {
+                Ok(idx) => idx.0,
+                Err(e) => {
+                    warn!(queue = self.index, "cannot read the avail index: {e}");
+                    return n;
+                }
+            };
+            if target == state.get_queue().next_avail() {
+                return n;
+            }
+            let view = mem.memory().into_inner();
+            while state.get_queue().next_avail() != target {
+                // None: the driver's avail index is bogus; the queue reports it.
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) else {
+                    return n;
+                };
+                n += 1;
+                match request::parse(chain, &*view, &dev.limits) {
+                    Ok(req) => self.start(req, &view, dev),
+                    Err(rejected) => self.reject(rejected, &view, dev),
                 }
             }
         }
+    }
+
+    /// Submit what was queued, then publish whatever has completed; returns how many
+    /// requests completed.
+    fn submit_and_complete(&mut self, vring: &VringRwLock, dev: &Device) -> usize {
         if let Err(e) = self.engine.submit() {
             warn!(queue = self.index, "io submission failed: {e}");
         }
         self.reap(dev);
+        let n = self.done.len();
         self.publish(vring);
+        n
+    }
+
+    /// Cheap check, for the poll loop, of new chains or ready completions.
+    fn work_pending(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<Mem>) -> bool {
+        if self.engine.has_completions() {
+            return true;
+        }
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        match q.avail_idx(&*mem.memory(), Acquire) {
+            Ok(idx) => idx.0 != q.next_avail(),
+            Err(_) => false,
+        }
     }
 
     /// The engine's completion fd fired.
@@ -449,7 +517,6 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
     use super::*;
     use crate::engine::EngineKind;
@@ -469,7 +536,13 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().expect("temp image");
         file.write_all(&vec![0u8; IMAGE_SIZE]).expect("fill image");
         let image = RawImage::open(file.path(), read_only, false).expect("open image");
-        let dev = Device::new(Arc::new(image), 1, QSIZE, "unit-serial");
+        let dev = Device::new(
+            Arc::new(image),
+            1,
+            QSIZE,
+            "unit-serial",
+            std::time::Duration::ZERO,
+        );
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory"),
         );
@@ -582,7 +655,6 @@ mod tests {
         let mut heads = Vec::new();
         let mut index = 0u16;
         let mut worker = QueueWorker::new(0, Engine::new(engine, f.dev.image.raw_fd(), 32));
-        let arc = m.clone().into_inner();
         for batch in [&[0usize, 1, 2, 4, 5, 6][..], &[read_back][..]] {
             for &i in batch {
                 let c = &chains[i];
@@ -591,7 +663,7 @@ mod tests {
                 heads.push((i, index));
                 index += c.len() as u16;
             }
-            worker.process_queue(&f.vring, &arc, &f.dev);
+            worker.process_queue(&f.vring, &f.mem, &f.dev);
             // io_uring may complete some of the I/O asynchronously.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while vq.used().idx().load() < heads.len() as u16 {
