@@ -12,6 +12,8 @@ use crate::request::ID_BYTES;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// The library maps queues to threads with a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
+pub const DEFAULT_POLL_US: u32 = 0;
+const MAX_POLL_US: u32 = 1000;
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
@@ -42,6 +44,11 @@ pub struct ServeArgs {
     /// Serial number returned by GET_ID (up to 20 bytes) [default: vdisk].
     #[arg(long)]
     pub serial: Option<String>,
+    /// Microseconds a queue thread keeps polling its ring after the last request before
+    /// sleeping, 0 to 1000. Polling saves kicks and wakeups on a busy queue but burns a
+    /// core, so it only pays where the host has cores to spare [default: 0].
+    #[arg(long)]
+    pub poll_us: Option<u32>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -55,6 +62,7 @@ struct FileServe {
     engine: Option<EngineKind>,
     direct: Option<bool>,
     serial: Option<String>,
+    poll_us: Option<u32>,
 }
 
 /// Other tables (for example the demo's) may share the file.
@@ -74,6 +82,7 @@ pub struct ServeConfig {
     pub engine: EngineKind,
     pub direct: bool,
     pub serial: String,
+    pub poll_us: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +162,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 why: "must be at most 20 bytes",
             });
         }
+        let poll_us = args.poll_us.or(file.poll_us).unwrap_or(DEFAULT_POLL_US);
+        if poll_us > MAX_POLL_US {
+            return Err(ConfigError::Invalid {
+                key: "poll-us",
+                value: poll_us.to_string(),
+                why: "must be at most 1000",
+            });
+        }
         Ok(ServeConfig {
             image,
             socket,
@@ -162,6 +179,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             engine: args.engine.or(file.engine).unwrap_or(EngineKind::IoUring),
             direct: args.direct || file.direct.unwrap_or(false),
             serial,
+            poll_us,
         })
     }
 }

@@ -51,10 +51,18 @@ pub struct Device {
     pub serial: [u8; ID_BYTES],
     pub num_queues: u16,
     pub queue_size: u16,
+    /// How long a queue thread keeps polling after its last activity (0: never).
+    pub poll: std::time::Duration,
 }
 
 impl Device {
-    pub fn new(image: Arc<RawImage>, num_queues: u16, queue_size: u16, serial: &str) -> Device {
+    pub fn new(
+        image: Arc<RawImage>,
+        num_queues: u16,
+        queue_size: u16,
+        serial: &str,
+        poll: std::time::Duration,
+    ) -> Device {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -75,6 +83,7 @@ impl Device {
             serial: id,
             num_queues,
             queue_size,
+            poll,
         }
     }
 

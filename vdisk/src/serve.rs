@@ -36,14 +36,22 @@ impl SessionHooks<BlkBackend> for Hooks {
 }
 
 pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    let termination = common::shutdown::Termination::install().map_err(ServeError::Signals)?;
     let image = Arc::new(RawImage::open(&cfg.image, cfg.readonly, cfg.direct)?);
-    let dev = Device::new(image.clone(), cfg.num_queues, cfg.queue_size, &cfg.serial);
+    let dev = Device::new(
+        image.clone(),
+        cfg.num_queues,
+        cfg.queue_size,
+        &cfg.serial,
+        std::time::Duration::from_micros(u64::from(cfg.poll_us)),
+    );
     let backend = BlkBackend::new(dev, cfg.engine);
     let mut claimed = common::socket::claim(&cfg.socket)?;
 
     let files = claimed.files();
     let on_signal = backend.clone();
-    common::shutdown::on_termination(move |_| {
+    termination
+        .on_signal(move |_| {
         let code = match on_signal.shutdown() {
             Ok(()) => 0,
             Err(e) => {
@@ -65,6 +73,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         direct = cfg.direct,
         queues = cfg.num_queues,
         queue_size = cfg.queue_size,
+        poll_us = cfg.poll_us,
         engine = ?backend.engine_kind(),
         socket = %cfg.socket.display(),
         "vdisk serving"
