@@ -52,7 +52,9 @@ fn load_font() -> bool {
 }
 
 fn short(v: f64) -> String {
-    if v >= 100.0 {
+    if v == 0.0 {
+        "0".to_string()
+    } else if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
         format!("{v:.1}")
@@ -67,8 +69,8 @@ pub fn draw(path: &Path, workloads: &[String], panels: &[Panel]) -> Result<(), S
     let e = |err: &dyn std::fmt::Display| format!("draw {}: {err}", path.display());
     let n = workloads.len().max(1);
     let legend_h = 36;
-    let root = BitMapBackend::new(path, (1400, legend_h + 360 * panels.len() as u32))
-        .into_drawing_area();
+    let root =
+        BitMapBackend::new(path, (1400, legend_h + 360 * panels.len() as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let (legend, body) = root.split_vertically(legend_h);
     // One legend for all panels, in a strip at the top (the series are the same everywhere).

@@ -59,8 +59,11 @@ pub type IoResult<T> = Result<T, IoError>;
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Number of (interrupt-driven) virtqueues to start.
+    /// Number of virtqueues to start.
     pub num_queues: usize,
+    /// Poll queues: used-buffer notifications off, completions found by busy-polling the used
+    /// ring (as a polling guest driver or a benchmark client does) instead of the call eventfd.
+    pub poll: bool,
     /// Connect read-only. libblkio refuses to start a device that offers VIRTIO_BLK_F_RO
     /// unless this is set, and then fails writes itself with EBADF.
     pub read_only: bool,
@@ -76,6 +79,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             num_queues: 1,
+            poll: false,
             read_only: false,
             region_len: 8 << 20,
             io_timeout: Duration::from_secs(10),
@@ -161,9 +165,17 @@ impl Blk {
             max_discard_len: get_u64(&blkio, "max-discard-len")?,
             max_write_zeroes_len: get_u64(&blkio, "max-write-zeroes-len")?,
         };
+        let (nq, npq) = if opts.poll {
+            (0, opts.num_queues)
+        } else {
+            (opts.num_queues, 0)
+        };
         blkio
-            .set_i32("num-queues", opts.num_queues as i32)
+            .set_i32("num-queues", nq as i32)
             .map_err(blkio_err("set num-queues", socket))?;
+        blkio
+            .set_i32("num-poll-queues", npq as i32)
+            .map_err(blkio_err("set num-poll-queues", socket))?;
         let started = blkio.start().map_err(blkio_err("start", socket))?;
 
         let align = get_u64(&blkio, "mem-region-alignment")?.max(4096) as usize;
@@ -180,7 +192,11 @@ impl Blk {
             .map_mem_region(&region)
             .map_err(blkio_err("map_mem_region", socket))?;
         Ok(Blk {
-            queues: started.queues,
+            queues: if opts.poll {
+                started.poll_queues
+            } else {
+                started.queues
+            },
             blkio,
             region,
             capacity,

@@ -258,7 +258,7 @@ impl Guest {
         .arg("-initrd")
         .arg(&initrd)
         .arg("-append")
-        .arg(format!("{BASE_CMDLINE} {}", self.cmdline).trim_end());
+        .arg(self.full_cmdline());
         if !self.allow_reboot {
             cmd.arg("-no-reboot");
         }
@@ -302,6 +302,18 @@ impl Guest {
             out.elapsed, out.console
         );
         Ok(out)
+    }
+
+    /// The kernel command line: base, the test's additions, then `$E2E_GUEST_CMDLINE`
+    /// (for debugging, e.g. `E2E_GUEST_CMDLINE=loglevel=7`: the last value of a key wins).
+    fn full_cmdline(&self) -> String {
+        let env = std::env::var("E2E_GUEST_CMDLINE").unwrap_or_default();
+        [BASE_CMDLINE, self.cmdline.as_str(), env.as_str()]
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Base initramfs, zero padding to a 4-byte boundary, then our own newc archive with

@@ -2,7 +2,7 @@
 //! keeping `qd` requests in flight and (by default) busy-polling its queue for completions.
 
 use std::mem::MaybeUninit;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,8 @@ pub struct Client {
     capacity: u64,
     max_segment_len: usize,
     poll: bool,
+    socket: PathBuf,
+    region_len: usize,
 }
 
 /// What one measured window produced.
@@ -97,7 +99,22 @@ impl Client {
             capacity,
             max_segment_len,
             poll,
+            socket: socket.to_path_buf(),
+            region_len,
         })
+    }
+
+    /// Disconnect and connect again with the same settings (after a failed window, whose
+    /// requests may still be in flight).
+    pub fn reconnect(self) -> Result<Client, String> {
+        let (socket, queues, poll, region_len) = (
+            self.socket.clone(),
+            self.queues.len(),
+            self.poll,
+            self.region_len,
+        );
+        drop(self);
+        Client::connect(&socket, queues, poll, region_len)
     }
 
     /// Run `wl` with `threads` load threads (the queues dealt out among them): `warmup`,
@@ -127,7 +144,11 @@ impl Client {
             ));
         }
         // An interrupt-driven thread blocks on one queue at a time: give each queue its own.
-        let threads = if self.poll { threads.clamp(1, wl.queues) } else { wl.queues };
+        let threads = if self.poll {
+            threads.clamp(1, wl.queues)
+        } else {
+            wl.queues
+        };
         let measuring = AtomicBool::new(false);
         let stop = AtomicBool::new(false);
         let ctx = WorkerCtx {
@@ -140,7 +161,8 @@ impl Client {
         };
         // Queue i goes to thread i % threads, with its own slice of the region.
         let base = self.region.addr;
-        let mut groups: Vec<Vec<(usize, &mut Blkioq, usize)>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut groups: Vec<Vec<(usize, &mut Blkioq, usize)>> =
+            (0..threads).map(|_| Vec::new()).collect();
         for (i, q) in self.queues[..wl.queues].iter_mut().enumerate() {
             groups[i % threads].push((i, q, base + i * per_queue));
         }
@@ -287,7 +309,10 @@ impl WorkerCtx<'_> {
         let bs = wl.bs;
         let blocks = self.capacity / bs as u64;
         if blocks == 0 {
-            return Err(format!("device ({} bytes) smaller than one block", self.capacity));
+            return Err(format!(
+                "device ({} bytes) smaller than one block",
+                self.capacity
+            ));
         }
         let seg = if self.max_segment_len > 0 {
             self.max_segment_len.min(bs)
@@ -326,8 +351,10 @@ impl WorkerCtx<'_> {
         let mut lat = Vec::with_capacity(1 << 20);
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..wl.qd).map(|_| MaybeUninit::uninit()).collect();
-        let mut last_progress = Instant::now();
+        let started = Instant::now();
+        let mut last_progress = started;
         let mut idle_rounds = 0u32;
+        let mut completed = 0u64;
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
             if stopping && loads.iter().all(|ql| ql.in_flight == 0) {
@@ -343,6 +370,7 @@ impl WorkerCtx<'_> {
                     continue;
                 }
                 progress = true;
+                completed += n as u64;
                 let now = Instant::now();
                 let measuring = self.measuring.load(Ordering::Relaxed);
                 for c in &completions[..n] {
@@ -356,6 +384,9 @@ impl WorkerCtx<'_> {
                         ));
                     }
                     let slot = c.user_data;
+                    if slot >= ql.slots.len() {
+                        return Err(format!("completion for unknown request {slot}"));
+                    }
                     if measuring {
                         lat.push((now - ql.slots[slot].1).as_nanos() as u64);
                     }
@@ -371,10 +402,12 @@ impl WorkerCtx<'_> {
                 last_progress = Instant::now();
             } else {
                 idle_rounds += 1;
-                if (idle_rounds % 4096 == 0 || !self.poll) && last_progress.elapsed() > STALL {
+                if (idle_rounds & 4095 == 0 || !self.poll) && last_progress.elapsed() > STALL {
+                    let in_flight: usize = loads.iter().map(|ql| ql.in_flight).sum();
                     return Err(format!(
-                        "no completion for {STALL:?} with requests in flight: the daemon is \
-                         hung or gone"
+                        "no completion for {STALL:?} with {in_flight} requests in flight, after \
+                         {completed} completions in {:.1?}: the daemon is hung or gone",
+                        last_progress - started
                     ));
                 }
             }
@@ -383,7 +416,11 @@ impl WorkerCtx<'_> {
 
     /// Collect what has completed: without waiting on a poll queue, up to 100 ms on an
     /// interrupt-driven one.
-    fn reap(&self, q: &mut Blkioq, completions: &mut [MaybeUninit<Completion>]) -> Result<usize, String> {
+    fn reap(
+        &self,
+        q: &mut Blkioq,
+        completions: &mut [MaybeUninit<Completion>],
+    ) -> Result<usize, String> {
         let r = if self.poll {
             q.do_io(completions, 0, None, None)
         } else {

@@ -51,10 +51,18 @@ pub fn command(
 /// CPU time is sampled from /proc like the daemons', over a `runtime`-long window after the
 /// ramp: fio's own usr_cpu/sys_cpu leave out the io_uring worker threads (io-wq), which do
 /// the buffered writes, and would flatter fio several times over.
-pub fn run(image: &Path, wl: &Workload, direct: bool, warmup: Duration, runtime: Duration) -> Result<Measurement, String> {
+pub fn run(
+    image: &Path,
+    wl: &Workload,
+    direct: bool,
+    warmup: Duration,
+    runtime: Duration,
+) -> Result<Measurement, String> {
     signals::check()?;
     let mut cmd = command(image, wl, direct, warmup, runtime);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     contain(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| format!("spawn fio: {e}"))?;
     let pid = child.id();

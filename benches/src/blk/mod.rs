@@ -243,7 +243,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             .max()
             .unwrap_or(1 << 20);
         // Start both daemons for this queue count; they idle while the other is measured.
-        let mut live: Vec<(Target, DaemonProc, Client)> = Vec::new();
+        let mut live: Vec<(Target, DaemonProc, Option<Client>)> = Vec::new();
         let mut failed: Vec<(Target, String)> = Vec::new();
         for &t in &targets {
             if t == Target::Fio {
@@ -259,7 +259,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 !args.irq,
                 region,
             ) {
-                Ok((d, c)) => live.push((t, d, c)),
+                Ok((d, c)) => live.push((t, d, Some(c))),
                 Err(e) => {
                     eprintln!("{}: {e}", t.name());
                     failed.push((t, e));
@@ -274,7 +274,27 @@ pub fn run(args: &Args) -> Result<(), String> {
                 let result = if t == Target::Fio {
                     fio::run(&image, wl, args.direct, warmup, window)
                 } else if let Some((_, d, c)) = live.iter_mut().find(|(lt, _, _)| *lt == t) {
-                    measure(d, c, wl, args.client_threads, warmup, window)
+                    match c.take() {
+                        None => Err(
+                            "no connection (reconnecting after an earlier failure failed)"
+                                .to_string(),
+                        ),
+                        Some(mut client) => {
+                            let r =
+                                measure(d, &mut client, wl, args.client_threads, warmup, window);
+                            if r.is_err() && d.exited().is_none() {
+                                // Requests of the failed window may still be in flight: go on
+                                // with a fresh connection.
+                                match client.reconnect() {
+                                    Ok(fresh) => *c = Some(fresh),
+                                    Err(e) => eprintln!("{}: reconnect failed: {e}", t.name()),
+                                }
+                            } else {
+                                *c = Some(client);
+                            }
+                            r
+                        }
+                    }
                 } else {
                     let why = failed
                         .iter()
@@ -516,7 +536,7 @@ fn measure(
     })
 }
 
-fn find<'a>(rows: &'a [Row], wl: usize, t: Target) -> Option<&'a Measurement> {
+fn find(rows: &[Row], wl: usize, t: Target) -> Option<&Measurement> {
     rows.iter()
         .find(|r| r.workload == wl && r.target == t)
         .and_then(|r| r.result.as_ref().ok())

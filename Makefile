@@ -1,0 +1,37 @@
+# Entry points for developers and CI. `make test` is the README's (and .ci/run's) test command.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all setup build test demo bench guest
+
+all: build
+
+## Install system packages (apt, as root) and build the QEMU test guest. Idempotent.
+setup:
+	scripts/setup.sh
+
+## Only (re)build the QEMU test guest in target/guest (FORCE=1 to rebuild).
+guest:
+	scripts/build-guest.sh
+
+## Build the daemons the end-to-end tests run (target/debug/vdisk, target/debug/vswitch).
+build:
+	$(CARGO) build --workspace --bins
+
+## Everything: setup, build, then the whole test suite (nextest if present).
+test: setup build
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		echo "cargo-nextest not found; falling back to cargo test"; \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## Boot a guest on a vdisk-served disk and show what happened (configs/vdisk-demo.toml).
+demo:
+	scripts/demo.sh
+
+## Benchmarks against peers (the benches crate).
+bench: setup
+	$(CARGO) run --release -p benches --
