@@ -19,7 +19,8 @@ die() { echo "setup: ERROR: $*" >&2; exit 1; }
 #   e2fsprogs        debugfs/e2fsck: the demo checks the guest-made filesystem from the host
 #   file             build-guest.sh checks that busybox is static
 #   make             the Makefile (make test / demo / bench)
-PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs file make)
+#   fonts-dejavu-core  the labels of the benchmark plots (benches/src/chart.rs)
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs file make fonts-dejavu-core)
 declare -A PROVIDES=(
     [qemu-system-x86]=qemu-system-x86_64
     [qemu-utils]="qemu-img qemu-storage-daemon"
@@ -29,6 +30,7 @@ declare -A PROVIDES=(
     [e2fsprogs]="debugfs e2fsck"
     [file]=file
     [make]=make
+    [fonts-dejavu-core]=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 )
 
 # ---------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ declare -A PROVIDES=(
 
 have() {
     case "$1" in
-    /*) [ -x "$1" ] ;;
+    /*) [ -e "$1" ] ;;
     *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] ;;
     esac
 }

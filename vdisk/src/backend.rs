@@ -38,12 +38,11 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     pub fn new(dev: Device, engine: EngineKind) -> BlkBackend {
-        let fd = dev.image.raw_fd();
         let workers = (0..dev.num_queues as usize)
             .map(|i| {
                 Mutex::new(QueueWorker::new(
                     i,
-                    Engine::new(engine, fd, u32::from(dev.queue_size)),
+                    Engine::new(engine, &dev.image, u32::from(dev.queue_size)),
                 ))
             })
             .collect();

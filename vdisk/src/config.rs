@@ -12,7 +12,7 @@ use crate::request::ID_BYTES;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// The library maps queues to threads with a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
-pub const DEFAULT_POLL_US: u32 = 0;
+pub const DEFAULT_POLL_US: u32 = 20;
 const MAX_POLL_US: u32 = 1000;
 
 #[derive(Args, Debug, Default)]
@@ -45,8 +45,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub serial: Option<String>,
     /// Microseconds a queue thread keeps polling its ring after the last request before
-    /// sleeping, 0 to 1000. Polling saves kicks and wakeups on a busy queue but burns a
-    /// core, so it only pays where the host has cores to spare [default: 0].
+    /// sleeping, 0 to 1000. Polling saves kicks and wakeups on a busy queue; it pauses by
+    /// itself while the core is contended [default: 20].
     #[arg(long)]
     pub poll_us: Option<u32>,
 }

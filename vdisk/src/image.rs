@@ -25,6 +25,9 @@ pub struct RawImage {
     size: u64,
     read_only: bool,
     is_block_device: bool,
+    /// Whether the kernel can take a buffered write without blocking (RWF_NOWAIT). Where
+    /// it cannot (ext4 today), io_uring hands every buffered write to a worker thread.
+    nowait_writes: bool,
 }
 
 impl RawImage {
@@ -64,13 +67,19 @@ impl RawImage {
                 path: path.to_path_buf(),
             });
         }
+        let nowait_writes = direct || read_only || probe_nowait_write(&file);
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             read_only,
             is_block_device,
+            nowait_writes,
         })
+    }
+
+    pub fn nowait_writes(&self) -> bool {
+        self.nowait_writes
     }
 
     pub fn path(&self) -> &Path {
@@ -137,4 +146,24 @@ impl RawImage {
     pub fn raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
     }
+}
+
+/// Rewrite the first sector with its own contents using RWF_NOWAIT: EOPNOTSUPP means the
+/// filesystem has no non-blocking buffered write path. The rewrite changes no data.
+fn probe_nowait_write(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut sector = [0u8; crate::request::SECTOR_SIZE as usize];
+    if file.read_exact_at(&mut sector, 0).is_err() {
+        return false;
+    }
+    let iov = libc::iovec {
+        iov_base: sector.as_mut_ptr().cast(),
+        iov_len: sector.len(),
+    };
+    // SAFETY: one iovec over a live stack buffer, valid for the duration of the call.
+    let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
 }

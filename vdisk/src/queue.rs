@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering::{self, Acquire};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -48,7 +48,14 @@ pub struct QueueWorker {
     cqes: Vec<Completion>,
     /// The vring that in-flight requests came from.
     vring: Option<VringRwLock>,
+    /// No polling before this instant (the core was contended).
+    poll_suspended_until: Instant,
 }
+
+/// How long polling stays off after the poller was preempted.
+const POLL_BACKOFF: Duration = Duration::from_millis(50);
+/// A pause between two poll checks this long means the scheduler ran someone else here.
+const PREEMPTED: Duration = Duration::from_micros(200);
 
 impl QueueWorker {
     pub fn new(index: usize, engine: Engine) -> QueueWorker {
@@ -61,6 +68,7 @@ impl QueueWorker {
             done: Vec::new(),
             cqes: Vec::new(),
             vring: None,
+            poll_suspended_until: Instant::now(),
         }
     }
 
@@ -81,7 +89,11 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let poll = dev.poll;
+        let poll = if Instant::now() < self.poll_suspended_until {
+            Duration::ZERO
+        } else {
+            dev.poll
+        };
         let mut deadline = Instant::now() + poll;
         loop {
             let taken = self.take_available(vring, mem, dev);
@@ -102,10 +114,40 @@ impl QueueWorker {
             if taken + completed > 0 {
                 deadline = Instant::now() + poll;
             }
-            while !self.work_pending(vring, mem) && Instant::now() < deadline {
-                std::hint::spin_loop();
+            if !self.spin_until(deadline, vring, mem) {
+                // Spinning while another runnable thread waits for this core delays that
+                // thread (often the guest or the client) by a whole time slice.
+                self.poll_suspended_until = Instant::now() + POLL_BACKOFF;
+                debug!(
+                    queue = self.index,
+                    "polling suspended: the core is contended"
+                );
+                deadline = Instant::now();
             }
         }
+    }
+
+    /// Spin until work shows up or `deadline` passes. Returns false if this thread was
+    /// descheduled meanwhile: a gap between two checks far longer than a check takes.
+    fn spin_until(
+        &mut self,
+        deadline: Instant,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<Mem>,
+    ) -> bool {
+        let mut last = Instant::now();
+        while !self.work_pending(vring, mem) {
+            let now = Instant::now();
+            if now.duration_since(last) > PREEMPTED {
+                return false;
+            }
+            if now >= deadline {
+                break;
+            }
+            last = now;
+            std::hint::spin_loop();
+        }
+        true
     }
 
     /// Pop, validate and queue every available chain; returns how many.
@@ -654,7 +696,7 @@ mod tests {
         let read_back = 3;
         let mut heads = Vec::new();
         let mut index = 0u16;
-        let mut worker = QueueWorker::new(0, Engine::new(engine, f.dev.image.raw_fd(), 32));
+        let mut worker = QueueWorker::new(0, Engine::new(engine, &f.dev.image, 32));
         for batch in [&[0usize, 1, 2, 4, 5, 6][..], &[read_back][..]] {
             for &i in batch {
                 let c = &chains[i];

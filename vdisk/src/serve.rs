@@ -75,6 +75,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         queue_size = cfg.queue_size,
         poll_us = cfg.poll_us,
         engine = ?backend.engine_kind(),
+        inline_writes = !image.nowait_writes() && backend.engine_kind() == crate::engine::EngineKind::IoUring,
         socket = %cfg.socket.display(),
         "vdisk serving"
     );

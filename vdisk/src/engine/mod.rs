@@ -9,6 +9,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::image::RawImage;
+
 mod sync;
 mod uring;
 
@@ -57,10 +59,11 @@ pub enum Engine {
 
 impl Engine {
     /// Build the engine asked for; io_uring falls back to sync when the kernel refuses it.
-    pub fn new(kind: EngineKind, fd: RawFd, entries: u32) -> Engine {
+    pub fn new(kind: EngineKind, image: &RawImage, entries: u32) -> Engine {
+        let fd = image.raw_fd();
         match kind {
             EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
-            EngineKind::IoUring => match UringEngine::new(fd, entries) {
+            EngineKind::IoUring => match UringEngine::new(fd, entries, !image.nowait_writes()) {
                 Ok(e) => Engine::Uring(Box::new(e)),
                 Err(e) => {
                     tracing::warn!("io_uring is not available ({e}); using the sync engine");

@@ -14,10 +14,17 @@ const IMAGE: types::Fixed = types::Fixed(0);
 pub struct UringEngine {
     ring: IoUring,
     event: EventFd,
+    fd: RawFd,
+    /// Buffered writes the kernel would hand to an io-wq worker are done right here
+    /// instead: measured on ext4, a pwritev on the queue thread costs less CPU and less
+    /// latency than the worker's round trip, at any queue depth.
+    inline_writes: bool,
+    /// Completions of inline operations, reaped before the ring's.
+    ready: Vec<Completion>,
 }
 
 impl UringEngine {
-    pub fn new(fd: RawFd, entries: u32) -> io::Result<UringEngine> {
+    pub fn new(fd: RawFd, entries: u32, inline_writes: bool) -> io::Result<UringEngine> {
         let entries = entries.clamp(8, 4096).next_power_of_two();
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
@@ -28,12 +35,31 @@ impl UringEngine {
         // and many page-cache reads complete from task work, which would then never wake
         // the queue thread.
         ring.submitter().register_eventfd(event.as_raw_fd())?;
-        Ok(UringEngine { ring, event })
+        Ok(UringEngine {
+            ring,
+            event,
+            fd,
+            inline_writes,
+            ready: Vec::new(),
+        })
     }
 
     /// # Safety
     /// See [`super::Engine::queue`].
     pub unsafe fn queue(&mut self, tag: u64, op: Op<'_>) -> io::Result<()> {
+        if let (
+            true,
+            Op::Write {
+                offset,
+                iovecs,
+                dsync,
+            },
+        ) = (self.inline_writes, op)
+        {
+            let result = super::blocking_rw(self.fd, true, offset, iovecs, dsync);
+            self.ready.push(Completion { tag, result });
+            return Ok(());
+        }
         let entry = match op {
             Op::Read { offset, iovecs } if iovecs.len() == 1 => {
                 opcode::Read::new(IMAGE, iovecs[0].iov_base.cast(), iovecs[0].iov_len as u32)
@@ -115,6 +141,7 @@ impl UringEngine {
     }
 
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.ready);
         out.extend(self.ring.completion().map(|cqe| Completion {
             tag: cqe.user_data(),
             result: cqe.result(),
@@ -122,7 +149,7 @@ impl UringEngine {
     }
 
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.ready.is_empty() || !self.ring.completion().is_empty()
     }
 
     pub fn completion_fd(&self) -> RawFd {
