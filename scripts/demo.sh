@@ -16,6 +16,9 @@ step() { printf '\n==> %s\n' "$*"; }
 die() { echo "demo: ERROR: $*" >&2; exit 1; }
 
 [ -f "$CONFIG" ] || die "config $CONFIG not found"
+CONFIG="$(realpath "$CONFIG")"
+# vdisk resolves the relative paths in the config from here, as this script does.
+cd "$ROOT"
 
 # Read `key = value` or `key = "value"` from the config (the first match wins).
 cfg() {
@@ -87,7 +90,8 @@ echo "    $IMAGE ($(du -h --apparent-size "$IMAGE" | cut -f1) apparent, $(du -h 
 step "Starting vdisk"
 # A socket left by a killed vdisk is replaced by vdisk itself; one with a live vdisk behind
 # it makes vdisk refuse to start (reported below).
-VDISK_ARGS=(serve --image "$IMAGE" --socket "$SOCKET" --num-queues "$NUM_QUEUES" --engine "$ENGINE" --serial "$SERIAL")
+# Everything vdisk needs is in the config file; relative paths resolve from the repo root.
+VDISK_ARGS=(serve --config "$CONFIG")
 echo "    $VDISK ${VDISK_ARGS[*]}"
 RUST_LOG="${RUST_LOG:-info}" "$VDISK" "${VDISK_ARGS[@]}" </dev/null >"$VDISK_LOG" 2>&1 &
 VDISK_PID=$!

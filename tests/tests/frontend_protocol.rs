@@ -312,10 +312,16 @@ impl Ring {
         let id = get_u32(mem, elem);
         let len = get_u32(mem, elem + 4);
         self.used_seen = expected;
-        // EVENT_IDX is negotiated: the device re-enables kicks by publishing avail_event.
-        let avail_event = get_u16(mem, self.used + 4 + 8 * u64::from(QUEUE_SIZE));
+        // EVENT_IDX is negotiated: the device re-enables kicks by publishing avail_event,
+        // at the latest when its poll window (if any) after the last request has ended.
+        let avail_event_at = self.used + 4 + 8 * u64::from(QUEUE_SIZE);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while get_u16(mem, avail_event_at) != self.next_avail && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         assert_eq!(
-            avail_event, self.next_avail,
+            get_u16(mem, avail_event_at),
+            self.next_avail,
             "used ring avail_event must ask for a kick at the next avail index (EVENT_IDX)"
         );
         assert_eq!(
