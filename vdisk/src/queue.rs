@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use crate::device::Device;
 use crate::engine::{Completion, Engine, Op};
-use crate::request::{self, Kind, Range, Rejected, Request, ID_BYTES};
+use crate::request::{self, Kind, Range, Rejected, Request, Scratch, ID_BYTES};
 use crate::stats::{should_log, Stats};
 
 type Mem = GuestMemoryMmap<()>;
@@ -50,6 +50,7 @@ pub struct QueueWorker {
     vring: Option<VringRwLock>,
     /// No polling before this instant (the core was contended).
     poll_suspended_until: Instant,
+    scratch: Scratch,
 }
 
 /// How long polling stays off after the poller was preempted.
@@ -69,6 +70,7 @@ impl QueueWorker {
             cqes: Vec::new(),
             vring: None,
             poll_suspended_until: Instant::now(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -135,19 +137,34 @@ impl QueueWorker {
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<Mem>,
     ) -> bool {
+        let view = mem.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
         let mut last = Instant::now();
-        while !self.work_pending(vring, mem) {
-            let now = Instant::now();
-            if now.duration_since(last) > PREEMPTED {
-                return false;
+        let mut spins = 0u32;
+        loop {
+            if self.engine.has_completions() {
+                return true;
             }
-            if now >= deadline {
-                break;
+            match queue.avail_idx(&*view, Acquire) {
+                Ok(idx) if idx.0 != queue.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return true,
             }
-            last = now;
+            spins = spins.wrapping_add(1);
+            // Reading the clock costs more than a check: do it every few rounds.
+            if spins % 16 == 0 {
+                let now = Instant::now();
+                if now.duration_since(last) > PREEMPTED {
+                    return false;
+                }
+                if now >= deadline {
+                    return true;
+                }
+                last = now;
+            }
             std::hint::spin_loop();
         }
-        true
     }
 
     /// Pop, validate and queue every available chain; returns how many.
@@ -184,7 +201,7 @@ impl QueueWorker {
                     return n;
                 };
                 n += 1;
-                match request::parse(chain, &*view, &dev.limits) {
+                match request::parse(chain, &*view, &dev.limits, &mut self.scratch) {
                     Ok(req) => self.start(req, &view, dev),
                     Err(rejected) => self.reject(rejected, &view, dev),
                 }
@@ -202,19 +219,6 @@ impl QueueWorker {
         let n = self.done.len();
         self.publish(vring);
         n
-    }
-
-    /// Cheap check, for the poll loop, of new chains or ready completions.
-    fn work_pending(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<Mem>) -> bool {
-        if self.engine.has_completions() {
-            return true;
-        }
-        let state = vring.get_ref();
-        let q = state.get_queue();
-        match q.avail_idx(&*mem.memory(), Acquire) {
-            Ok(idx) => idx.0 != q.next_avail(),
-            Err(_) => false,
-        }
     }
 
     /// The engine's completion fd fired.
@@ -416,6 +420,7 @@ impl QueueWorker {
                 self.done.push((req.head, 0));
             }
         }
+        self.scratch.recycle(req.iovecs);
     }
 
     fn reap(&mut self, dev: &Device) {
@@ -467,9 +472,10 @@ impl QueueWorker {
     }
 
     fn finish(&mut self, tag: u32, dev: &Device, write_status: bool) {
-        let Some(slot) = self.slots.get_mut(tag as usize).and_then(Option::take) else {
+        let Some(mut slot) = self.slots.get_mut(tag as usize).and_then(Option::take) else {
             return;
         };
+        self.scratch.recycle(std::mem::take(&mut slot.iovecs));
         self.free.push(tag);
         self.inflight -= 1;
         let mut error = slot.error;

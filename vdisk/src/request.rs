@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::stats::Stats;
 
@@ -156,6 +156,18 @@ fn host_iovecs<M: GuestMemoryBackend>(
         }
         let take = (seg.len - skip).min(len);
         let start = seg.addr.unchecked_add(skip);
+        skip = 0;
+        len -= take;
+        if out.len() == MAX_IOVECS {
+            return Err(RequestError::BadLength("more than 1024 data segments"));
+        }
+        if let Some(host) = host_range(mem, start, take) {
+            out.push(libc::iovec {
+                iov_base: host.cast(),
+                iov_len: take as usize,
+            });
+            continue;
+        }
         // A descriptor may span several memory regions: one iovec per piece.
         for slice in mem.get_slices(start, take as usize) {
             let slice = slice.map_err(|_| RequestError::DescOutOfBounds {
@@ -170,10 +182,19 @@ fn host_iovecs<M: GuestMemoryBackend>(
                 iov_len: slice.len(),
             });
         }
-        skip = 0;
-        len -= take;
     }
     Ok(())
+}
+
+/// Host address of `len` bytes at `addr` when they lie in one memory region, the common
+/// case, found with one region lookup instead of vm-memory's general slice iterator.
+fn host_range<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: u64) -> Option<*mut u8> {
+    let (region, offset) = mem.to_region_addr(addr)?;
+    let end = offset.raw_value().checked_add(len)?;
+    if end > region.len() {
+        return None;
+    }
+    region.get_host_address(offset).ok()
 }
 
 /// Gather `buf.len()` bytes starting `skip` bytes into `segs`.
@@ -274,14 +295,63 @@ fn parse_segments<M: GuestMemoryBackend>(
     Ok((ranges, unmap))
 }
 
+/// Buffers `parse` reuses from one request to the next, so validating a request does not
+/// allocate in the steady state.
+#[derive(Default)]
+pub struct Scratch {
+    readable: Vec<Seg>,
+    writable: Vec<Seg>,
+    iovec_pool: Vec<Vec<libc::iovec>>,
+}
+
+// SAFETY: the pooled iovec buffers are always empty (cleared on recycle); the segment
+// lists hold guest addresses, not pointers. Nothing in here points anywhere.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    /// Give back a finished request's iovec buffer.
+    pub fn recycle(&mut self, mut iovecs: Vec<libc::iovec>) {
+        // Bounded: one buffer per request a queue can hold is all that is ever needed.
+        if self.iovec_pool.len() < 1024 {
+            iovecs.clear();
+            self.iovec_pool.push(iovecs);
+        }
+    }
+}
+
 /// Validate one chain against `mem` (the memory it was popped from) and the device limits.
-pub fn parse<M>(chain: DescriptorChain<&M>, mem: &M, limits: &Limits) -> Result<Request, Rejected>
+pub fn parse<M>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    limits: &Limits,
+    scratch: &mut Scratch,
+) -> Result<Request, Rejected>
+where
+    M: GuestMemoryBackend + GuestMemory,
+{
+    let Scratch {
+        readable,
+        writable,
+        iovec_pool,
+    } = scratch;
+    readable.clear();
+    writable.clear();
+    let iovecs = iovec_pool.pop().unwrap_or_default();
+    parse_into(chain, mem, limits, readable, writable, iovecs)
+}
+
+fn parse_into<M>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    limits: &Limits,
+    readable: &mut Vec<Seg>,
+    writable: &mut Vec<Seg>,
+    mut iovecs: Vec<libc::iovec>,
+) -> Result<Request, Rejected>
 where
     M: GuestMemoryBackend + GuestMemory,
 {
     let head = chain.head_index();
-    let mut readable: Vec<Seg> = Vec::new();
-    let mut writable: Vec<Seg> = Vec::new();
     let mut read_bytes = 0u64;
     let mut write_bytes = 0u64;
     let mut wrong_direction = false;
@@ -338,7 +408,14 @@ where
     }
 
     let mut hdr = [0u8; HEADER_LEN];
-    gather(mem, &readable, 0, &mut hdr).map_err(reject)?;
+    match host_range(mem, readable[0].addr, HEADER_LEN as u64) {
+        // SAFETY: the 16 bytes lie inside one mapped region of guest memory; a volatile
+        // read because the guest may be writing them concurrently.
+        Some(p) if readable[0].len >= HEADER_LEN as u64 => {
+            hdr = unsafe { std::ptr::read_volatile(p.cast::<[u8; HEADER_LEN]>()) }
+        }
+        _ => gather(mem, readable, 0, &mut hdr).map_err(reject)?,
+    }
     let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&hdr[8..16]);
@@ -346,7 +423,6 @@ where
 
     let data_out = read_bytes - HEADER_LEN as u64;
     let data_in = write_bytes - 1;
-    let mut iovecs = Vec::new();
 
     let (kind, used_len) = match req_type {
         VIRTIO_BLK_T_IN => {
@@ -356,7 +432,7 @@ where
                 )));
             }
             let offset = check_range(limits, sector, data_in).map_err(reject)?;
-            host_iovecs(mem, &writable, 0, data_in, &mut iovecs).map_err(reject)?;
+            host_iovecs(mem, writable, 0, data_in, &mut iovecs).map_err(reject)?;
             // data_in < 2^32: virtio-queue stops a chain at 4 GiB.
             (
                 Kind::Read {
@@ -376,8 +452,7 @@ where
                 )));
             }
             let offset = check_range(limits, sector, data_out).map_err(reject)?;
-            host_iovecs(mem, &readable, HEADER_LEN as u64, data_out, &mut iovecs)
-                .map_err(reject)?;
+            host_iovecs(mem, readable, HEADER_LEN as u64, data_out, &mut iovecs).map_err(reject)?;
             (
                 Kind::Write {
                     offset,
@@ -389,7 +464,7 @@ where
         VIRTIO_BLK_T_FLUSH => (Kind::Flush, 1),
         VIRTIO_BLK_T_GET_ID => {
             let n = data_in.min(ID_BYTES as u64);
-            host_iovecs(mem, &writable, 0, n, &mut iovecs).map_err(reject)?;
+            host_iovecs(mem, writable, 0, n, &mut iovecs).map_err(reject)?;
             (Kind::GetId, n as u32 + 1)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -492,7 +567,7 @@ mod tests {
     ) -> Result<Request, Rejected> {
         let vq = MockSplitQueue::new(mem, 16);
         let chain = vq.build_desc_chain(descs).expect("chain");
-        parse(chain, mem, &limits(read_only))
+        parse(chain, mem, &limits(read_only), &mut Scratch::default())
     }
 
     fn rejected(r: Result<Request, Rejected>) -> Rejected {
