@@ -153,7 +153,7 @@ impl QueueWorker {
             }
             spins = spins.wrapping_add(1);
             // Reading the clock costs more than a check: do it every few rounds.
-            if spins % 16 == 0 {
+            if spins.is_multiple_of(16) {
                 let now = Instant::now();
                 if now.duration_since(last) > PREEMPTED {
                     return false;

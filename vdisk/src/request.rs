@@ -409,9 +409,9 @@ where
 
     let mut hdr = [0u8; HEADER_LEN];
     match host_range(mem, readable[0].addr, HEADER_LEN as u64) {
-        // SAFETY: the 16 bytes lie inside one mapped region of guest memory; a volatile
-        // read because the guest may be writing them concurrently.
         Some(p) if readable[0].len >= HEADER_LEN as u64 => {
+            // SAFETY: the 16 bytes lie inside one mapped region of guest memory; a volatile
+            // read because the guest may be writing them concurrently.
             hdr = unsafe { std::ptr::read_volatile(p.cast::<[u8; HEADER_LEN]>()) }
         }
         _ => gather(mem, readable, 0, &mut hdr).map_err(reject)?,
@@ -479,7 +479,7 @@ where
             };
             let (ranges, unmap) = parse_segments(
                 mem,
-                &readable,
+                readable,
                 data_out,
                 limits,
                 max_seg,
