@@ -50,11 +50,17 @@ pub struct QueueWorker {
     vring: Option<VringRwLock>,
     /// No polling before this instant (the core was contended).
     poll_suspended_until: Instant,
+    /// The adaptive poll window, up to the configured one (None: not adapted yet).
+    poll_window: Option<Duration>,
+    /// When this thread last went back to its event loop.
+    asleep_since: Option<Instant>,
     scratch: Scratch,
 }
 
 /// How long polling stays off after the poller was preempted.
 const POLL_BACKOFF: Duration = Duration::from_millis(50);
+/// Shorter poll windows than this are not worth starting.
+const POLL_MIN: Duration = Duration::from_micros(1);
 /// A pause between two poll checks this long means the scheduler ran someone else here.
 const PREEMPTED: Duration = Duration::from_micros(200);
 
@@ -70,6 +76,8 @@ impl QueueWorker {
             cqes: Vec::new(),
             vring: None,
             poll_suspended_until: Instant::now(),
+            poll_window: None,
+            asleep_since: None,
             scratch: Scratch::default(),
         }
     }
@@ -91,10 +99,11 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.adapt_poll(dev.poll);
         let poll = if Instant::now() < self.poll_suspended_until {
             Duration::ZERO
         } else {
-            dev.poll
+            self.poll_window.unwrap_or(dev.poll)
         };
         let mut deadline = Instant::now() + poll;
         loop {
@@ -110,6 +119,7 @@ impl QueueWorker {
                     Err(e) => warn!(queue = self.index, "cannot enable notifications: {e}"),
                 }
                 self.submit_and_complete(vring, dev);
+                self.asleep_since = Some(Instant::now());
                 break;
             }
             let completed = self.submit_and_complete(vring, dev);
@@ -221,8 +231,33 @@ impl QueueWorker {
         n
     }
 
+    /// Adapt the poll window to how long this thread slept before the current event, as
+    /// QEMU's adaptive polling does: a sleep longer than the largest window means polling
+    /// would not have caught the event (a slow disk), so poll less; a sleep that a longer
+    /// window would have covered means poll more.
+    fn adapt_poll(&mut self, max: Duration) {
+        let Some(since) = self.asleep_since.take() else {
+            return;
+        };
+        let slept = since.elapsed();
+        let window = self.poll_window.unwrap_or(max);
+        let next = if slept > max {
+            window / 2
+        } else if slept > window {
+            (window * 2).max(POLL_MIN)
+        } else {
+            window
+        };
+        self.poll_window = Some(if next < POLL_MIN {
+            Duration::ZERO
+        } else {
+            next.min(max)
+        });
+    }
+
     /// The engine's completion fd fired.
     pub fn process_completions(&mut self, vring: &VringRwLock, dev: &Device) {
+        self.adapt_poll(dev.poll);
         self.engine.clear_completion_fd();
         self.reap(dev);
         // A full completion queue may have held back submissions.
@@ -230,6 +265,7 @@ impl QueueWorker {
             warn!(queue = self.index, "io submission failed: {e}");
         }
         self.publish(vring);
+        self.asleep_since = Some(Instant::now());
     }
 
     /// Wait for every in-flight request. With `publish`, their completions go to the
