@@ -32,6 +32,8 @@ test: setup build
 demo:
 	scripts/demo.sh
 
-## Benchmarks against peers (the benches crate).
+## Benchmarks against peers (the benches crate): docs/bench/blk.{md,png}, blk-direct.{md,png}.
 bench: setup
-	$(CARGO) run --release -p benches --
+	$(CARGO) build --release -p vdisk -p benches
+	$(CARGO) run --release -p benches -- blk
+	$(CARGO) run --release -p benches -- blk --direct
