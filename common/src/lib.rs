@@ -1,8 +1,9 @@
 //! The daemon core shared by `vdisk` and `vswitch`: logging, claiming the listening
 //! socket, the accept/serve/reaccept loop around `vhost-user-backend`, and orderly
-//! shutdown on SIGINT/SIGTERM.
+//! shutdown on SIGINT/SIGTERM, and the token-bucket rate limiter.
 
 pub mod logging;
+pub mod ratelimit;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
