@@ -19,10 +19,7 @@
 //! assert_eq!(out.result("size"), Some("67108864"));
 //! ```
 //!
-//! A vhost-user-net guest needs no new code, only the escape hatch:
-//! `.arg("-chardev").arg("socket,id=n0c,path=SOCK").arg("-netdev")
-//! .arg("vhost-user,id=n0,chardev=n0c").arg("-device")
-//! .arg("virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=")`.
+//! [`Guest::net`] adds a virtio-net-pci NIC on a vhost-user netdev the same way.
 
 use std::ffi::OsString;
 use std::fs;
@@ -148,6 +145,23 @@ impl Guest {
             chardev,
             "-device".into(),
             device.into(),
+        ]);
+        self
+    }
+
+    /// Add a virtio-net-pci NIC with MAC `mac` whose vhost-user backend listens on `socket`.
+    /// NICs appear in the guest in the order they are added: eth0, eth1, ...
+    pub fn net(mut self, socket: impl AsRef<Path>, mac: &str) -> Guest {
+        let n = self.devices.len();
+        let mut chardev = OsString::from(format!("socket,id=vunet{n},path="));
+        chardev.push(socket.as_ref().as_os_str());
+        self.devices.push(vec![
+            "-chardev".into(),
+            chardev,
+            "-netdev".into(),
+            format!("vhost-user,id=vunetdev{n},chardev=vunet{n}").into(),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=vunetdev{n},mac={mac},romfile=,vectors=0").into(),
         ]);
         self
     }

@@ -1,0 +1,195 @@
+//! The one copy: from the source guest's TX buffers straight into a destination guest's RX
+//! buffers, with the 802.1Q tag inserted or stripped on the way.
+
+use crate::frame::{tag_bytes, MACS_LEN, VLAN_HLEN};
+use crate::vlan::Egress;
+
+/// A host memory range inside a guest mapping that the caller keeps alive.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRange {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+/// One piece of the byte stream written to the destination.
+#[derive(Clone, Copy, Debug)]
+pub enum Piece {
+    Guest(HostRange),
+    Inline { bytes: [u8; 12], len: usize },
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Guest(r) => r.len,
+            Piece::Inline { len, .. } => *len,
+        }
+    }
+}
+
+/// Split `frame` (the source ranges) into pieces for `egress`, after `prefix` (the
+/// virtio-net header written to the destination). Returns the output length.
+pub fn plan(frame: &[HostRange], egress: Egress, prefix: Piece, out: &mut Vec<Piece>) -> usize {
+    out.clear();
+    out.push(prefix);
+    // Byte offsets in the source frame where the edit happens.
+    let (cut_from, cut_to, insert) = match egress {
+        Egress::AsIs => (usize::MAX, usize::MAX, None),
+        Egress::Strip => (MACS_LEN, MACS_LEN + VLAN_HLEN, None),
+        Egress::Insert(vid) => (MACS_LEN, MACS_LEN, Some(tag_bytes(vid))),
+    };
+    let mut pos = 0usize;
+    let mut inserted = false;
+    for r in frame {
+        let (start, end) = (pos, pos + r.len);
+        pos = end;
+        let piece_at = |from: usize, to: usize, out: &mut Vec<Piece>| {
+            if to > from {
+                out.push(Piece::Guest(HostRange {
+                    // SAFETY: from..to lies within this range (start <= from <= to <= end).
+                    ptr: unsafe { r.ptr.add(from - start) },
+                    len: to - from,
+                }));
+            }
+        };
+        if end <= cut_from || start >= cut_to && (inserted || insert.is_none()) {
+            piece_at(start, end, out);
+            continue;
+        }
+        // This range contains the edit point.
+        piece_at(start, cut_from.max(start).min(end), out);
+        if let (Some(tag), false) = (insert, inserted) {
+            if cut_from <= end {
+                let mut bytes = [0u8; 12];
+                bytes[..VLAN_HLEN].copy_from_slice(&tag);
+                out.push(Piece::Inline {
+                    bytes,
+                    len: VLAN_HLEN,
+                });
+                inserted = true;
+            }
+        }
+        piece_at(cut_to.max(start).min(end), end, out);
+    }
+    out.iter().map(Piece::len).sum()
+}
+
+/// Copy `pieces` into `dest` in order; returns the bytes written into each destination
+/// range (the caller sized `dest` to hold everything).
+///
+/// # Safety
+/// Every range in `pieces` and `dest` must be valid host memory for its length for the
+/// duration of the call.
+pub unsafe fn copy(pieces: &[Piece], dest: &[HostRange], written: &mut Vec<usize>) {
+    written.clear();
+    written.resize(dest.len(), 0);
+    let mut d = 0usize;
+    let mut d_off = 0usize;
+    for p in pieces {
+        let (mut src, mut left) = match p {
+            Piece::Guest(r) => (r.ptr.cast_const(), r.len),
+            Piece::Inline { bytes, len } => (bytes.as_ptr(), *len),
+        };
+        while left > 0 && d < dest.len() {
+            let room = dest[d].len - d_off;
+            let n = room.min(left);
+            // SAFETY: the caller guarantees both ranges; `ptr::copy` tolerates a guest that
+            // made its TX and RX buffers overlap.
+            unsafe { std::ptr::copy(src, dest[d].ptr.add(d_off), n) };
+            // SAFETY: n <= left, so the pointer stays within (or one past) the source.
+            src = unsafe { src.add(n) };
+            left -= n;
+            d_off += n;
+            written[d] += n;
+            if d_off == dest[d].len {
+                d += 1;
+                d_off = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(frame: &mut [Vec<u8>], egress: Egress, dest_sizes: &[usize]) -> Vec<u8> {
+        let ranges: Vec<HostRange> = frame
+            .iter_mut()
+            .map(|v| HostRange {
+                ptr: v.as_mut_ptr(),
+                len: v.len(),
+            })
+            .collect();
+        let mut hdr = [0u8; 12];
+        hdr[10] = 1;
+        let prefix = Piece::Inline {
+            bytes: hdr,
+            len: 12,
+        };
+        let mut pieces = Vec::new();
+        let total = plan(&ranges, egress, prefix, &mut pieces);
+        let mut bufs: Vec<Vec<u8>> = dest_sizes.iter().map(|&n| vec![0xaa; n]).collect();
+        let dest: Vec<HostRange> = bufs
+            .iter_mut()
+            .map(|v| HostRange {
+                ptr: v.as_mut_ptr(),
+                len: v.len(),
+            })
+            .collect();
+        let mut written = Vec::new();
+        // SAFETY: all ranges are live Vecs owned by this test.
+        unsafe { copy(&pieces, &dest, &mut written) };
+        assert_eq!(written.iter().sum::<usize>(), total);
+        let mut out = Vec::new();
+        for (b, n) in bufs.iter().zip(&written) {
+            out.extend_from_slice(&b[..*n]);
+        }
+        out
+    }
+
+    fn frame(tag: Option<u16>) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..12).collect();
+        if let Some(v) = tag {
+            f.extend_from_slice(&tag_bytes(v));
+        }
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend((0..50).map(|i| 100 + i as u8));
+        f
+    }
+
+    fn split(f: Vec<u8>, at: &[usize]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for &a in at.iter().chain(std::iter::once(&f.len())) {
+            out.push(f[prev..a].to_vec());
+            prev = a;
+        }
+        out
+    }
+
+    #[test]
+    fn as_is_insert_strip_any_split() {
+        for cuts in [
+            vec![],
+            vec![5],
+            vec![12],
+            vec![13],
+            vec![14, 15],
+            vec![3, 12, 16, 20],
+        ] {
+            let mut src = split(frame(None), &cuts);
+            let out = run(&mut src, Egress::AsIs, &[2000]);
+            assert_eq!(&out[12..], &frame(None)[..], "as-is, cuts {cuts:?}");
+            assert_eq!(out[10], 1, "header first");
+
+            let mut src = split(frame(None), &cuts);
+            let out = run(&mut src, Egress::Insert(10), &[40, 40]);
+            assert_eq!(&out[12..], &frame(Some(10))[..], "insert, cuts {cuts:?}");
+
+            let mut src = split(frame(Some(10)), &cuts);
+            let out = run(&mut src, Egress::Strip, &[7, 100]);
+            assert_eq!(&out[12..], &frame(None)[..], "strip, cuts {cuts:?}");
+        }
+    }
+}

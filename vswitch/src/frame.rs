@@ -1,0 +1,137 @@
+//! Ethernet frame headers, as far as a switch needs them: addresses and the 802.1Q tag.
+
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const TPID_8021Q: u16 = 0x8100;
+/// Destination + source MAC: where a tag is inserted or removed.
+pub const MACS_LEN: usize = 12;
+/// Enough of a frame to classify it: both MACs, a tag and the inner EtherType.
+pub const PEEK_LEN: usize = ETH_HLEN + VLAN_HLEN;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// Group addresses (broadcast included) have the I/G bit set.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// What the switch reads from the start of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub dst: Mac,
+    pub src: Mac,
+    /// The 802.1Q VLAN id, if the frame carries a tag.
+    pub tag: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is shorter than an Ethernet header")]
+    TooShort(usize),
+    #[error("802.1Q tag with VLAN id {0}, which is reserved")]
+    ReservedVlan(u16),
+}
+
+/// Parse the header of a frame of `len` bytes whose first bytes are `peek`.
+pub fn parse(peek: &[u8], len: usize) -> Result<Header, FrameError> {
+    if len < ETH_HLEN || peek.len() < ETH_HLEN {
+        return Err(FrameError::TooShort(len));
+    }
+    let mac = |o: usize| {
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&peek[o..o + 6]);
+        Mac(m)
+    };
+    let ethertype = u16::from_be_bytes([peek[12], peek[13]]);
+    let tag = if ethertype == TPID_8021Q {
+        if len < ETH_HLEN + VLAN_HLEN || peek.len() < ETH_HLEN + VLAN_HLEN {
+            return Err(FrameError::TooShort(len));
+        }
+        let vid = u16::from_be_bytes([peek[14], peek[15]]) & 0x0fff;
+        if vid == 0 || vid == 4095 {
+            return Err(FrameError::ReservedVlan(vid));
+        }
+        Some(vid)
+    } else {
+        None
+    };
+    Ok(Header {
+        dst: mac(0),
+        src: mac(6),
+        tag,
+    })
+}
+
+/// The 4 tag bytes for `vid` (priority 0).
+pub fn tag_bytes(vid: u16) -> [u8; VLAN_HLEN] {
+    let tci = vid & 0x0fff;
+    let [t0, t1] = TPID_8021Q.to_be_bytes();
+    let [c0, c1] = tci.to_be_bytes();
+    [t0, t1, c0, c1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(dst: [u8; 6], src: [u8; 6], tag: Option<u16>) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        if let Some(v) = tag {
+            f.extend_from_slice(&tag_bytes(v));
+        }
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.resize(64, 0);
+        f
+    }
+
+    #[test]
+    fn untagged_and_tagged() {
+        let f = frame([0xff; 6], [2, 0, 0, 0, 0, 1], None);
+        let h = parse(&f[..PEEK_LEN], f.len()).expect("valid");
+        assert!(h.dst.is_multicast());
+        assert_eq!(h.src, Mac([2, 0, 0, 0, 0, 1]));
+        assert_eq!(h.tag, None);
+        let f = frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], Some(10));
+        let h = parse(&f[..PEEK_LEN], f.len()).expect("valid");
+        assert_eq!(h.tag, Some(10));
+        assert!(!h.dst.is_multicast());
+    }
+
+    #[test]
+    fn short_and_reserved() {
+        assert_eq!(parse(&[0; 10], 10), Err(FrameError::TooShort(10)));
+        let mut f = frame([1; 6], [2; 6], Some(10));
+        f.truncate(15);
+        assert_eq!(parse(&f, 15), Err(FrameError::TooShort(15)));
+        let f = frame([1; 6], [2; 6], Some(4095));
+        assert_eq!(parse(&f, f.len()), Err(FrameError::ReservedVlan(4095)));
+    }
+
+    #[test]
+    fn mac_display() {
+        assert_eq!(
+            Mac([0x52, 0x54, 0, 0xab, 1, 2]).to_string(),
+            "52:54:00:ab:01:02"
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! The vhost-user-net device of one port: features, config space, and the transmit path
+//! (guest → switch).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::warn;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::copy::{HostRange, Piece};
+use crate::frame::{self, PEEK_LEN};
+use crate::stats::bump;
+use crate::switch::{Mem, Switch};
+
+/// virtio_net_hdr_v1: 12 bytes whenever VERSION_1 is negotiated.
+pub const NET_HDR_LEN: usize = 12;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+const NUM_QUEUES: usize = 2;
+const QUEUE_SIZE: usize = 1024;
+
+/// Host address range of `len` bytes at `addr`, if they lie in one memory region.
+pub fn host_range<M: GuestMemoryBackend>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<HostRange> {
+    let (region, offset) = mem.to_region_addr(addr)?;
+    let end = offset.0.checked_add(len as u64)?;
+    if end > region.len() {
+        return None;
+    }
+    let ptr = region.get_host_address(offset).ok()?;
+    Some(HostRange { ptr, len })
+}
+
+/// One switch port as a vhost-user-net backend.
+#[derive(Clone)]
+pub struct PortBackend {
+    switch: Arc<Switch>,
+    port: usize,
+    acked: Arc<AtomicU64>,
+    event_idx: Arc<AtomicBool>,
+}
+
+impl PortBackend {
+    pub fn new(switch: Arc<Switch>, port: usize) -> PortBackend {
+        PortBackend {
+            switch,
+            port,
+            acked: Arc::new(AtomicU64::new(0)),
+            event_idx: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn mergeable(&self) -> bool {
+        self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+
+    fn current_mem(&self) -> Option<GuestMemoryAtomic<Mem>> {
+        self.switch.ports[self.port]
+            .mem
+            .read()
+            .ok()
+            .and_then(|m| m.clone())
+    }
+
+    /// Take every frame the guest queued for transmission and forward it.
+    fn process_tx(&self, tx: &VringRwLock) {
+        let Some(mem) = self.current_mem() else {
+            return;
+        };
+        let port = &self.switch.ports[self.port];
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut ranges: Vec<HostRange> = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut touched: Vec<usize> = Vec::new();
+        let mut used: Vec<u16> = Vec::new();
+        loop {
+            let mut state = tx.get_mut();
+            if let Err(e) = state.disable_notification() {
+                warn!(port = %port.spec.name, "cannot disable notifications: {e}");
+            }
+            let view = mem.memory();
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) {
+                used.push(chain.head_index());
+                ranges.clear();
+                let mut total = 0usize;
+                let mut bad = None;
+                for d in chain {
+                    if d.is_write_only() {
+                        bad = Some("device-writable descriptor in a transmit chain");
+                        break;
+                    }
+                    match host_range(&*view, d.addr(), d.len() as usize) {
+                        Some(r) => {
+                            total += r.len;
+                            ranges.push(r);
+                        }
+                        None => {
+                            bad = Some("transmit buffer outside guest memory");
+                            break;
+                        }
+                    }
+                }
+                if let Some(what) = bad {
+                    port_drop(port, &port.stats.drop_malformed, what);
+                    continue;
+                }
+                self.forward_one(&ranges, total, &mut pieces, &mut touched);
+            }
+            drop(view);
+            for head in used.drain(..) {
+                if let Err(e) = state.add_used(head, 0) {
+                    warn!(port = %port.spec.name, "cannot add used entry: {e}");
+                }
+            }
+            match state.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!(port = %port.spec.name, "cannot notify the guest: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => warn!(port = %port.spec.name, "cannot read used event: {e}"),
+            }
+            if !event_idx {
+                break;
+            }
+            match state.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(port = %port.spec.name, "cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        self.switch.signal(&touched);
+    }
+
+    fn forward_one(
+        &self,
+        ranges: &[HostRange],
+        total: usize,
+        pieces: &mut Vec<Piece>,
+        touched: &mut Vec<usize>,
+    ) {
+        let port = &self.switch.ports[self.port];
+        if total < NET_HDR_LEN + frame::ETH_HLEN {
+            port_drop(
+                port,
+                &port.stats.drop_malformed,
+                "frame shorter than its headers",
+            );
+            return;
+        }
+        // Peek at the virtio-net header and the start of the frame (not a copy of the frame).
+        let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
+        let peek_len = gather(ranges, &mut head);
+        let gso_type = head[1];
+        if gso_type != 0 {
+            port_drop(
+                port,
+                &port.stats.drop_malformed,
+                "GSO frame, but no GSO was offered",
+            );
+            return;
+        }
+        let frame_len = total - NET_HDR_LEN;
+        let hdr = match frame::parse(&head[NET_HDR_LEN..peek_len], frame_len) {
+            Ok(h) => h,
+            Err(e) => {
+                port_drop(port, &port.stats.drop_malformed, &e.to_string());
+                return;
+            }
+        };
+        let limit = usize::from(port.spec.mtu)
+            + frame::ETH_HLEN
+            + if hdr.tag.is_some() {
+                frame::VLAN_HLEN
+            } else {
+                0
+            };
+        if frame_len > limit {
+            port_drop(port, &port.stats.drop_mtu, "frame larger than the MTU");
+            return;
+        }
+        // The frame's own bytes: the source ranges minus the virtio-net header.
+        let mut frame_ranges: Vec<HostRange> = Vec::with_capacity(ranges.len());
+        let mut skip = NET_HDR_LEN;
+        for r in ranges {
+            if skip >= r.len {
+                skip -= r.len;
+                continue;
+            }
+            frame_ranges.push(HostRange {
+                // SAFETY: skip < r.len, so the pointer stays inside the range.
+                ptr: unsafe { r.ptr.add(skip) },
+                len: r.len - skip,
+            });
+            skip = 0;
+        }
+        self.switch
+            .forward(self.port, &hdr, &frame_ranges, frame_len, pieces, touched);
+    }
+}
+
+fn port_drop(port: &crate::switch::Port, counter: &AtomicU64, what: &str) {
+    let n = bump(counter, 1);
+    if crate::stats::should_log(n) {
+        warn!(port = %port.spec.name, count = n, "dropped a frame: {what}");
+    }
+}
+
+/// Copy the first `out.len()` bytes of `ranges` into `out`; returns how many there were.
+fn gather(ranges: &[HostRange], out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for r in ranges {
+        if done == out.len() {
+            break;
+        }
+        let n = r.len.min(out.len() - done);
+        // SAFETY: `r` is a validated range of the sender's guest memory, held by the caller;
+        // `out` has room for n more bytes.
+        unsafe { std::ptr::copy(r.ptr.cast_const(), out[done..].as_mut_ptr(), n) };
+        done += n;
+    }
+    done
+}
+
+impl VhostUserBackend for PortBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MTU
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.switch.ports[self.port].spec.mac.is_some() {
+            f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
+        let spec = &self.switch.ports[self.port].spec;
+        let mut c = [0u8; 12];
+        if let Some(mac) = spec.mac {
+            c[..6].copy_from_slice(&mac.0);
+        }
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&spec.mtu.to_le_bytes());
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(c.len());
+        let end = (offset as usize).saturating_add(size as usize).min(c.len());
+        out[..end - start].copy_from_slice(&c[start..end]);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        self.switch.set_mem(self.port, mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![0b11]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
+        else {
+            return Err(io::Error::other("port worker without its two queues"));
+        };
+        self.switch.attach_rx(self.port, rx, self.mergeable());
+        match device_event {
+            RX_QUEUE => {}
+            TX_QUEUE => self.process_tx(tx),
+            other => {
+                warn!(port = %self.switch.ports[self.port].spec.name, event = other, "unexpected event")
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! `vswitch serve`: one vhost-user-net backend per port, all in this process, each port
+//! accepting its guest again after a disconnect.
+
+use std::sync::Arc;
+
+use common::server::{serve_forever, SessionHooks};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+
+use common::socket::ClaimedSocket;
+use tracing::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+
+use crate::config::{PortMode, QosConfig, SwitchConfig};
+use crate::frame::Mac;
+use crate::net::PortBackend;
+use crate::switch::{PortSpec, Switch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0} is not supported yet; remove it from the configuration")]
+    NotYet(String),
+    #[error(transparent)]
+    Socket(#[from] common::socket::SocketError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the thread of port {port}: {source}")]
+    Thread {
+        port: String,
+        source: std::io::Error,
+    },
+}
+
+struct Hooks {
+    switch: Arc<Switch>,
+    port: usize,
+}
+
+impl SessionHooks<PortBackend> for Hooks {
+    fn attach(&self, _daemon: &VhostUserDaemon<PortBackend>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn detached(&self) {
+        self.switch.port_detached(self.port);
+        let p = &self.switch.ports[self.port];
+        let counters: Vec<String> = p
+            .stats
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        info!(port = %p.spec.name, "guest disconnected; counters: {}", counters.join(" "));
+    }
+}
+
+/// Accept one frontend at a time on the port's public socket and relay it to the
+/// library's private socket until the session ends.
+fn accept_loop(sock: ClaimedSocket, inner_name: &str, port: &str) {
+    loop {
+        let frontend = match sock.listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                error!(port, "cannot accept a frontend: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let inner =
+            SocketAddr::from_abstract_name(inner_name).and_then(|a| UnixStream::connect_addr(&a));
+        match inner {
+            Ok(backend) => {
+                if let Err(e) = crate::relay::run(frontend, backend) {
+                    warn!(port, "frontend session relay ended: {e}");
+                }
+            }
+            Err(e) => error!(port, "cannot reach the port's backend: {e}"),
+        }
+    }
+}
+
+/// Refuse settings the switch parses but does not enforce yet, rather than ignore them.
+fn check_supported(cfg: &SwitchConfig) -> Result<(), ServeError> {
+    for p in &cfg.ports {
+        let qos = &p.qos;
+        let limited = QosConfig::KEYS.iter().any(|k| qos.get(k).unwrap_or(0) != 0);
+        if limited {
+            return Err(ServeError::NotYet(format!("port {}: qos", p.name)));
+        }
+        if p.mode == PortMode::Client {
+            return Err(ServeError::NotYet(format!(
+                "port {}: mode = \"client\"",
+                p.name
+            )));
+        }
+    }
+    if let Some(v) = cfg.vlans.iter().find(|v| v.service_ip.is_some()) {
+        return Err(ServeError::NotYet(format!("vlan {}: service_ip", v.id)));
+    }
+    Ok(())
+}
+
+pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
+    check_supported(&cfg)?;
+    let termination = common::shutdown::Termination::install().map_err(ServeError::Signals)?;
+    let specs: Vec<PortSpec> = cfg
+        .ports
+        .iter()
+        .map(|p| PortSpec {
+            name: p.name.clone(),
+            vlan: p.vlan.clone(),
+            mac: p.mac.map(|m| Mac(m.0)),
+            anti_spoof: p.anti_spoof,
+            mtu: p.mtu,
+        })
+        .collect();
+    let limits = cfg.ports.iter().map(|p| p.mac_limit).collect();
+    let switch = Arc::new(Switch::new(
+        specs,
+        cfg.switch.mac_table_size,
+        cfg.switch.mac_aging,
+        limits,
+    ));
+
+    // Claim every socket before serving any, so a bad path fails the start, not a port.
+    let mut claimed = Vec::new();
+    for p in &cfg.ports {
+        claimed.push(common::socket::claim(&p.socket)?);
+    }
+    let files: Vec<_> = claimed.iter().map(|c| c.files()).collect();
+    termination
+        .on_signal(move |_| {
+            for f in &files {
+                f.remove();
+            }
+            info!("exiting");
+            std::process::exit(0);
+        })
+        .map_err(ServeError::Signals)?;
+
+    let mut threads = Vec::new();
+    for (index, sock) in claimed.into_iter().enumerate() {
+        let name = cfg.ports[index].name.clone();
+        let socket = cfg.ports[index].socket.display().to_string();
+        let switch = switch.clone();
+        info!(port = %name, socket = %socket, vlan = ?switch.ports[index].spec.vlan, "port ready");
+        // The library serves a private socket; the relay joins each frontend to it.
+        let inner_name = format!("vswitch-{}-{index}", std::process::id());
+        let inner = UnixListener::bind_addr(&SocketAddr::from_abstract_name(&inner_name).map_err(
+            |source| ServeError::Thread {
+                port: name.clone(),
+                source,
+            },
+        )?)
+        .map_err(|source| ServeError::Thread {
+            port: name.clone(),
+            source,
+        })?;
+        let relay_name = name.clone();
+        let acceptor = std::thread::Builder::new()
+            .name(format!("accept-{name}"))
+            .spawn(move || accept_loop(sock, &inner_name, &relay_name))
+            .map_err(|source| ServeError::Thread {
+                port: name.clone(),
+                source,
+            })?;
+        threads.push(acceptor);
+        let t = std::thread::Builder::new()
+            .name(format!("port-{name}"))
+            .spawn(move || {
+                let backend = PortBackend::new(switch.clone(), index);
+                let hooks = Hooks {
+                    switch,
+                    port: index,
+                };
+                let mut listener = Listener::from(inner);
+                if let Err(e) = serve_forever("vswitch", &socket, &mut listener, backend, &hooks) {
+                    error!(port = %name, "port stopped: {e}");
+                }
+            })
+            .map_err(|source| ServeError::Thread {
+                port: cfg.ports[index].name.clone(),
+                source,
+            })?;
+        threads.push(t);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
