@@ -130,6 +130,25 @@ impl Fdb {
         }
     }
 
+    /// Live entries: (vlan, mac, port, time since last seen), sorted by VLAN and MAC.
+    pub fn entries(&self, now: Instant) -> Vec<(u16, Mac, usize, Duration)> {
+        let mut out: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !self.expired(e, now))
+            .map(|(&(vlan, mac), e)| {
+                (
+                    vlan,
+                    mac,
+                    e.port,
+                    now.saturating_duration_since(e.last_seen),
+                )
+            })
+            .collect();
+        out.sort_by_key(|&(vlan, mac, _, _)| (vlan, mac));
+        out
+    }
+
     /// Entries in the table, aged-out ones included until the next `age`.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -8,9 +8,11 @@
 
 pub mod config;
 pub mod copy;
+pub mod ctl;
 pub mod fdb;
 pub mod frame;
 pub mod net;
+pub mod qos;
 pub mod relay;
 pub mod serve;
 pub mod stats;

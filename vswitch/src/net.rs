@@ -34,6 +34,9 @@ const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: usize = 1024;
+/// The port's rate-limit timer in its worker's epoll set; ids up to NUM_QUEUES are the
+/// library's (queues and the exit event).
+pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// Host address range of `len` bytes at `addr`, if they lie in one memory region.
 pub fn host_range<M: GuestMemoryBackend>(
@@ -81,7 +84,10 @@ impl PortBackend {
             .and_then(|m| m.clone())
     }
 
-    /// Take every frame the guest queued for transmission and forward it.
+    /// Take the frames the guest queued for transmission and forward them, as long as the
+    /// port's TX rate allows. When it does not, the frame stays in the ring, guest
+    /// notifications stay off, and the port's timer resumes the work when tokens are back:
+    /// backpressure, nothing dropped.
     fn process_tx(&self, tx: &VringRwLock) {
         let Some(mem) = self.current_mem() else {
             return;
@@ -92,6 +98,7 @@ impl PortBackend {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut touched: Vec<usize> = Vec::new();
         let mut used: Vec<u16> = Vec::new();
+        let mut throttled = false;
         loop {
             let mut state = tx.get_mut();
             if let Err(e) = state.disable_notification() {
@@ -99,7 +106,7 @@ impl PortBackend {
             }
             let view = mem.memory();
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) {
-                used.push(chain.head_index());
+                let head = chain.head_index();
                 ranges.clear();
                 let mut total = 0usize;
                 let mut bad = None;
@@ -120,9 +127,25 @@ impl PortBackend {
                     }
                 }
                 if let Some(what) = bad {
+                    used.push(head);
                     port_drop(port, &port.stats.drop_malformed, what);
                     continue;
                 }
+                let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
+                let mut qos = port.qos();
+                if let Err(wait) = qos.tx.consume(frame_bytes, 1) {
+                    // Put the frame back; it goes out when the bucket has refilled.
+                    let q = state.get_queue_mut();
+                    q.set_next_avail(q.next_avail().wrapping_sub(1));
+                    if let Err(e) = qos.timer.arm(wait) {
+                        warn!(port = %port.spec.name, "cannot arm the rate-limit timer: {e}");
+                    }
+                    bump(&port.stats.tx_throttled, 1);
+                    throttled = true;
+                    break;
+                }
+                drop(qos);
+                used.push(head);
                 self.forward_one(&ranges, total, &mut pieces, &mut touched);
             }
             drop(view);
@@ -140,7 +163,7 @@ impl PortBackend {
                 Ok(false) => {}
                 Err(e) => warn!(port = %port.spec.name, "cannot read used event: {e}"),
             }
-            if !event_idx {
+            if throttled || !event_idx {
                 break;
             }
             match state.enable_notification() {
@@ -330,6 +353,12 @@ impl VhostUserBackend for PortBackend {
         match device_event {
             RX_QUEUE => {}
             TX_QUEUE => self.process_tx(tx),
+            TIMER_EVENT => {
+                if let Err(e) = self.switch.ports[self.port].qos().timer.clear() {
+                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot clear the rate-limit timer: {e}");
+                }
+                self.process_tx(tx);
+            }
             other => {
                 warn!(port = %self.switch.ports[self.port].spec.name, event = other, "unexpected event")
             }

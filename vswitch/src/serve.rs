@@ -8,19 +8,27 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 
 use common::socket::ClaimedSocket;
+use std::os::fd::AsRawFd;
 use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
+use vmm_sys_util::epoll::EventSet;
 
-use crate::config::{PortMode, QosConfig, SwitchConfig};
+use crate::config::{PortMode, SwitchConfig};
 use crate::frame::Mac;
-use crate::net::PortBackend;
+use crate::net::{PortBackend, TIMER_EVENT};
+use crate::qos::PortQos;
 use crate::switch::{PortSpec, Switch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0} is not supported yet; remove it from the configuration")]
     NotYet(String),
+    #[error("port {port}: qos: {source}")]
+    Qos {
+        port: String,
+        source: crate::qos::QosError,
+    },
     #[error(transparent)]
     Socket(#[from] common::socket::SocketError),
     #[error("cannot install signal handlers: {0}")]
@@ -38,7 +46,13 @@ struct Hooks {
 }
 
 impl SessionHooks<PortBackend> for Hooks {
-    fn attach(&self, _daemon: &VhostUserDaemon<PortBackend>) -> Result<(), String> {
+    fn attach(&self, daemon: &VhostUserDaemon<PortBackend>) -> Result<(), String> {
+        let fd = self.switch.ports[self.port].qos().timer.as_raw_fd();
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(fd, EventSet::IN, u64::from(TIMER_EVENT))
+                .map_err(|e| format!("cannot watch the rate-limit timer: {e}"))?;
+        }
         Ok(())
     }
 
@@ -85,11 +99,6 @@ fn accept_loop(sock: ClaimedSocket, inner_name: &str, port: &str) {
 /// Refuse settings the switch parses but does not enforce yet, rather than ignore them.
 fn check_supported(cfg: &SwitchConfig) -> Result<(), ServeError> {
     for p in &cfg.ports {
-        let qos = &p.qos;
-        let limited = QosConfig::KEYS.iter().any(|k| qos.get(k).unwrap_or(0) != 0);
-        if limited {
-            return Err(ServeError::NotYet(format!("port {}: qos", p.name)));
-        }
         if p.mode == PortMode::Client {
             return Err(ServeError::NotYet(format!(
                 "port {}: mode = \"client\"",
@@ -106,17 +115,21 @@ fn check_supported(cfg: &SwitchConfig) -> Result<(), ServeError> {
 pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
     check_supported(&cfg)?;
     let termination = common::shutdown::Termination::install().map_err(ServeError::Signals)?;
-    let specs: Vec<PortSpec> = cfg
-        .ports
-        .iter()
-        .map(|p| PortSpec {
+    let mut specs = Vec::with_capacity(cfg.ports.len());
+    for p in &cfg.ports {
+        let qos = PortQos::new(&p.qos).map_err(|e| ServeError::Qos {
+            port: p.name.clone(),
+            source: e,
+        })?;
+        let spec = PortSpec {
             name: p.name.clone(),
             vlan: p.vlan.clone(),
             mac: p.mac.map(|m| Mac(m.0)),
             anti_spoof: p.anti_spoof,
             mtu: p.mtu,
-        })
-        .collect();
+        };
+        specs.push((spec, qos));
+    }
     let limits = cfg.ports.iter().map(|p| p.mac_limit).collect();
     let switch = Arc::new(Switch::new(
         specs,
@@ -130,7 +143,13 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
     for p in &cfg.ports {
         claimed.push(common::socket::claim(&p.socket)?);
     }
-    let files: Vec<_> = claimed.iter().map(|c| c.files()).collect();
+    if let Some(dir) = cfg.switch.control_socket.parent() {
+        // The default lives in /run/vswitch, which may not exist yet.
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let control = common::socket::claim(&cfg.switch.control_socket)?;
+    let mut files: Vec<_> = claimed.iter().map(|c| c.files()).collect();
+    files.push(control.files());
     termination
         .on_signal(move |_| {
             for f in &files {
@@ -142,6 +161,18 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         .map_err(ServeError::Signals)?;
 
     let mut threads = Vec::new();
+    let ctl_switch = switch.clone();
+    let qos: Vec<_> = cfg.ports.iter().map(|p| p.qos).collect();
+    info!(socket = %cfg.switch.control_socket.display(), "control socket ready");
+    threads.push(
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || crate::ctl::serve(ctl_switch, qos, control))
+            .map_err(|source| ServeError::Thread {
+                port: "control".into(),
+                source,
+            })?,
+    );
     for (index, sock) in claimed.into_iter().enumerate() {
         let name = cfg.ports[index].name.clone();
         let socket = cfg.ports[index].socket.display().to_string();

@@ -15,6 +15,7 @@ use crate::copy::{self, HostRange, Piece};
 use crate::fdb::{Fdb, Learned};
 use crate::frame::{Header, Mac};
 use crate::net::{self, NET_HDR_LEN};
+use crate::qos::PortQos;
 use crate::stats::{bump, should_log, PortStats};
 
 pub type Mem = GuestMemoryMmap<()>;
@@ -34,7 +35,7 @@ pub struct PortSpec {
 /// for it.
 #[derive(Default)]
 pub struct RxSide {
-    vring: Option<VringRwLock>,
+    pub vring: Option<VringRwLock>,
     mem: Option<GuestMemoryAtomic<Mem>>,
     mergeable: bool,
     /// Frames were delivered since the guest was last notified.
@@ -50,12 +51,20 @@ unsafe impl Send for RxSide {}
 
 pub struct Port {
     pub spec: PortSpec,
+    pub qos: Mutex<PortQos>,
     pub stats: PortStats,
     pub rx: Mutex<RxSide>,
     pub mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
 }
 
 impl Port {
+    pub fn qos(&self) -> MutexGuard<'_, PortQos> {
+        match self.qos.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     pub fn rx(&self) -> MutexGuard<'_, RxSide> {
         match self.rx.lock() {
             Ok(g) => g,
@@ -78,16 +87,17 @@ pub struct Switch {
 
 impl Switch {
     pub fn new(
-        specs: Vec<PortSpec>,
+        specs: Vec<(PortSpec, PortQos)>,
         mac_table_size: usize,
         aging: Duration,
         limits: Vec<Option<u32>>,
     ) -> Switch {
         let ports = specs
             .into_iter()
-            .map(|spec| {
+            .map(|(spec, qos)| {
                 Arc::new(Port {
                     spec,
+                    qos: Mutex::new(qos),
                     stats: PortStats::default(),
                     rx: Mutex::new(RxSide::default()),
                     mem: RwLock::new(None),
@@ -105,6 +115,14 @@ impl Switch {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// The learned addresses, for `vswitch ctl fdb`.
+    pub fn fdb_entries(&self) -> Vec<(u16, Mac, usize, Duration)> {
+        let now = Instant::now();
+        let mut fdb = self.fdb();
+        fdb.age(now);
+        fdb.entries(now)
     }
 
     /// A port's guest went away: forget its addresses and its receive ring.
@@ -189,6 +207,10 @@ impl Switch {
             Some(d) if d == src => {}
             Some(d) => self.deliver(d, vlan, tagged, frame, scratch, touched),
             None => {
+                if sp.qos().storm.consume(0, 1).is_err() {
+                    sp.count_drop(&sp.stats.drop_storm, "storm control");
+                    return;
+                }
                 for d in 0..self.ports.len() {
                     if d != src && self.ports[d].spec.vlan.carries(vlan) {
                         self.deliver(d, vlan, tagged, frame, scratch, touched);
@@ -212,6 +234,11 @@ impl Switch {
             return;
         }
         let egress = p.spec.vlan.egress(vlan, tagged);
+        let out_len: usize = frame.iter().map(|r| r.len).sum();
+        if p.qos().rx.consume(out_len as u64, 1).is_err() {
+            p.count_drop(&p.stats.drop_qos, "receive rate limit");
+            return;
+        }
         let mut rx = p.rx();
         let RxSide {
             vring,
