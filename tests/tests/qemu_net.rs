@@ -55,13 +55,13 @@ impl Drop for Switch {
 
 /// A guest script: bring eth0 up with `ip`, ping `peers` until they answer (they boot at
 /// their own pace), report, then stay up long enough for the others to finish.
-fn pinger(ip: &str, peers: &[&str], linger_s: u32) -> String {
+fn pinger(ip: &str, peers: &[&str], attempts: u32, linger_s: u32) -> String {
     let mut s = format!(
         "ip link set eth0 up\nip addr add {ip}/24 dev eth0\necho RESULT mac $(cat /sys/class/net/eth0/address)\n"
     );
     for peer in peers {
         s.push_str(&format!(
-            "ok=1\nfor i in $(seq 1 40); do if ping -c 1 -W 1 {peer} >/dev/null 2>&1; then ok=0; break; fi; done\n\
+            "ok=1\nfor i in $(seq 1 {attempts}); do if ping -c 1 -W 1 {peer} >/dev/null 2>&1; then ok=0; break; fi; done\n\
              echo RESULT ping-{peer} $ok\n"
         ));
     }
@@ -84,6 +84,7 @@ fn vlan_isolation_between_guests() {
         &config,
         format!(
             "[switch]\ncontrol_socket = \"{}\"\n\n\
+             [[vlan]]\nid = 10\nservice_ip = \"10.0.10.254/24\"\n\n\
              [[port]]\nname = \"vm1\"\nsocket = \"{}\"\nvlan = 10\n\n\
              [[port]]\nname = \"vm2\"\nsocket = \"{}\"\nvlan = 10\n\n\
              [[port]]\nname = \"vm3\"\nsocket = \"{}\"\nvlan = 20\n",
@@ -105,18 +106,19 @@ fn vlan_isolation_between_guests() {
                 .run()
         })
     };
+    // 10.0.10.254 is the switch's own service address on VLAN 10 (ARP and ping).
     let g1 = run(
-        pinger("10.0.10.1", &["10.0.10.2"], 25),
+        pinger("10.0.10.1", &["10.0.10.2", "10.0.10.254"], 40, 25),
         s1.clone(),
         "02:00:00:00:10:01",
     );
     let g2 = run(
-        pinger("10.0.10.2", &["10.0.10.1"], 25),
+        pinger("10.0.10.2", &["10.0.10.1", "10.0.10.254"], 40, 25),
         s2.clone(),
         "02:00:00:00:10:02",
     );
     let g3 = run(
-        pinger("10.0.10.3", &["10.0.10.1"], 0),
+        pinger("10.0.10.3", &["10.0.10.1", "10.0.10.254"], 12, 0),
         s3.clone(),
         "02:00:00:00:20:03",
     );
@@ -144,6 +146,20 @@ fn vlan_isolation_between_guests() {
         o3.result("ping-10.0.10.1"),
         Some("1"),
         "vm3 on VLAN 20 must not reach VLAN 10:\n{}",
+        o3.describe()
+    );
+    for (o, name) in [(&o1, "vm1"), (&o2, "vm2")] {
+        assert_eq!(
+            o.result("ping-10.0.10.254"),
+            Some("0"),
+            "{name} must reach VLAN 10's service IP:\n{}",
+            o.describe()
+        );
+    }
+    assert_eq!(
+        o3.result("ping-10.0.10.254"),
+        Some("1"),
+        "vm3 on VLAN 20 must not reach VLAN 10's service IP:\n{}",
         o3.describe()
     );
     assert_eq!(

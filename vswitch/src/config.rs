@@ -743,6 +743,8 @@ mod tests {
         use VlanMode::Access;
         assert_eq!(vlans, [Access(10), Access(10), Access(20)]);
         assert!(c.ports.iter().all(|p| p.anti_spoof && p.mac.is_some()));
+        assert_eq!(c.vlans.iter().map(|v| v.id).collect::<Vec<_>>(), [10, 20]);
+        assert!(c.vlans.iter().all(|v| v.service_ip.is_some()));
         let c = ok(include_str!("../../configs/vswitch-trunk.toml"));
         assert_eq!(c.vlans.iter().map(|v| v.id).collect::<Vec<_>>(), [30]);
         assert_eq!(c.ports[1].vlan.vlans(), [1, 30, 40]);

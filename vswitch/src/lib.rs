@@ -15,6 +15,7 @@ pub mod net;
 pub mod qos;
 pub mod relay;
 pub mod serve;
+pub mod service;
 pub mod stats;
 pub mod switch;
 pub mod vlan;

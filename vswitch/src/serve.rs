@@ -18,6 +18,7 @@ use crate::config::{PortMode, SwitchConfig};
 use crate::frame::Mac;
 use crate::net::{PortBackend, TIMER_EVENT};
 use crate::qos::PortQos;
+use crate::service::ServicePort;
 use crate::switch::{PortSpec, Switch};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +107,6 @@ fn check_supported(cfg: &SwitchConfig) -> Result<(), ServeError> {
             )));
         }
     }
-    if let Some(v) = cfg.vlans.iter().find(|v| v.service_ip.is_some()) {
-        return Err(ServeError::NotYet(format!("vlan {}: service_ip", v.id)));
-    }
     Ok(())
 }
 
@@ -131,8 +129,19 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         specs.push((spec, qos));
     }
     let limits = cfg.ports.iter().map(|p| p.mac_limit).collect();
+    let services = cfg
+        .vlans
+        .iter()
+        .filter_map(|v| {
+            v.service_ip.map(|ip| {
+                info!(vlan = v.id, ip = %ip, mac = %ServicePort::mac_for(v.id), "service endpoint");
+                ServicePort::new(v.id, ip.addr, ip.prefix_len)
+            })
+        })
+        .collect();
     let switch = Arc::new(Switch::new(
         specs,
+        services,
         cfg.switch.mac_table_size,
         cfg.switch.mac_aging,
         limits,

@@ -16,7 +16,9 @@ use crate::fdb::{Fdb, Learned};
 use crate::frame::{Header, Mac};
 use crate::net::{self, NET_HDR_LEN};
 use crate::qos::PortQos;
+use crate::service::ServicePort;
 use crate::stats::{bump, should_log, PortStats};
+use crate::vlan::Egress;
 
 pub type Mem = GuestMemoryMmap<()>;
 
@@ -83,11 +85,14 @@ impl Port {
 pub struct Switch {
     pub ports: Vec<Arc<Port>>,
     fdb: Mutex<Fdb>,
+    /// The VLANs' service endpoints, by VLAN id.
+    services: Vec<(u16, Mutex<ServicePort>)>,
 }
 
 impl Switch {
     pub fn new(
         specs: Vec<(PortSpec, PortQos)>,
+        services: Vec<ServicePort>,
         mac_table_size: usize,
         aging: Duration,
         limits: Vec<Option<u32>>,
@@ -107,6 +112,10 @@ impl Switch {
         Switch {
             ports,
             fdb: Mutex::new(Fdb::new(mac_table_size, aging, limits)),
+            services: services
+                .into_iter()
+                .map(|s| (s.vlan, Mutex::new(s)))
+                .collect(),
         }
     }
 
@@ -203,6 +212,10 @@ impl Switch {
         bump(&sp.stats.rx_packets, 1);
         bump(&sp.stats.rx_bytes, frame_len as u64);
         let tagged = hdr.tag.is_some();
+        if hdr.dst == ServicePort::mac_for(vlan) {
+            self.to_service(vlan, tagged, frame, scratch, touched);
+            return;
+        }
         match dest {
             Some(d) if d == src => {}
             Some(d) => self.deliver(d, vlan, tagged, frame, scratch, touched),
@@ -214,6 +227,82 @@ impl Switch {
                 for d in 0..self.ports.len() {
                     if d != src && self.ports[d].spec.vlan.carries(vlan) {
                         self.deliver(d, vlan, tagged, frame, scratch, touched);
+                    }
+                }
+                if hdr.dst.is_multicast() {
+                    self.to_service(vlan, tagged, frame, scratch, touched);
+                }
+            }
+        }
+    }
+
+    /// Give a frame to the VLAN's service endpoint, if it has one, and send its answers.
+    /// This is the slow path (ARP and ping), so the frame is copied into a buffer.
+    fn to_service(
+        &self,
+        vlan: u16,
+        tagged: bool,
+        frame: &[HostRange],
+        scratch: &mut Vec<Piece>,
+        touched: &mut Vec<usize>,
+    ) {
+        let Some(service) = self.services.iter().find(|s| s.0 == vlan) else {
+            return;
+        };
+        let egress = if tagged { Egress::Strip } else { Egress::AsIs };
+        let total = copy::plan(
+            frame,
+            egress,
+            Piece::Inline {
+                bytes: [0; 12],
+                len: 0,
+            },
+            scratch,
+        );
+        let mut buf = vec![0u8; total];
+        let dest = [HostRange {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }];
+        let mut written = Vec::new();
+        // SAFETY: the source ranges are the sender's validated guest memory, held by the
+        // caller; the destination is `buf`, alive for the call.
+        unsafe { copy::copy(scratch, &dest, &mut written) };
+        let replies = match service.1.lock() {
+            Ok(mut s) => s.input(buf),
+            Err(p) => p.into_inner().input(buf),
+        };
+        for mut reply in replies {
+            self.inject(vlan, &mut reply, scratch, touched);
+        }
+    }
+
+    /// Send a frame the switch itself made (untagged) on `vlan`.
+    fn inject(
+        &self,
+        vlan: u16,
+        frame: &mut [u8],
+        scratch: &mut Vec<Piece>,
+        touched: &mut Vec<usize>,
+    ) {
+        let Ok(hdr) = crate::frame::parse(frame, frame.len()) else {
+            return;
+        };
+        let range = [HostRange {
+            ptr: frame.as_mut_ptr(),
+            len: frame.len(),
+        }];
+        let known = if hdr.dst.is_multicast() {
+            None
+        } else {
+            self.fdb().lookup(vlan, hdr.dst, Instant::now())
+        };
+        match known {
+            Some(d) => self.deliver(d, vlan, false, &range, scratch, touched),
+            None => {
+                for d in 0..self.ports.len() {
+                    if self.ports[d].spec.vlan.carries(vlan) {
+                        self.deliver(d, vlan, false, &range, scratch, touched);
                     }
                 }
             }
