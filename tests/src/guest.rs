@@ -166,6 +166,16 @@ impl Guest {
         self
     }
 
+    /// Like [`Guest::net`], but QEMU listens on `socket` (`server=on,wait=off`) and the
+    /// backend connects to it: a vswitch port in client mode.
+    pub fn net_server(mut self, socket: impl AsRef<Path>, mac: &str) -> Guest {
+        self = self.net(socket, mac);
+        if let Some(dev) = self.devices.last_mut() {
+            dev[1].push(",server=on,wait=off");
+        }
+        self
+    }
+
     /// Append one raw QEMU argument (escape hatch for netdevs, extra devices, ...).
     pub fn arg(mut self, arg: impl Into<OsString>) -> Guest {
         self.extra_args.push(arg.into());

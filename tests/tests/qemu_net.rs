@@ -171,3 +171,43 @@ fn vlan_isolation_between_guests() {
     let status = switch.stop();
     assert!(status.success(), "vswitch exit status {status}");
 }
+
+/// A port in client mode connects to QEMU's socket, and connects again to the next QEMU
+/// after the first one exits: traffic resumes.
+#[test]
+fn client_mode_port_reconnects_to_a_new_qemu() {
+    if !guest::require_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qemu_sock = dir.path().join("qemu-vm1.sock");
+    let config = dir.path().join("switch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[switch]\ncontrol_socket = \"{}\"\n\n\
+             [[vlan]]\nid = 30\nservice_ip = \"10.0.30.254/24\"\n\n\
+             [[port]]\nname = \"vm1\"\nsocket = \"{}\"\nmode = \"client\"\nvlan = 30\n",
+            dir.path().join("ctl.sock").display(),
+            qemu_sock.display()
+        ),
+    )
+    .expect("config");
+    // Nothing to wait for: in client mode vswitch creates no port socket.
+    let switch = Switch::start(&config, &[&dir.path().join("ctl.sock")]);
+    for round in 1..=2 {
+        let out = Guest::new(pinger("10.0.30.1", &["10.0.30.254"], 40, 0))
+            .net_server(&qemu_sock, "02:00:00:00:30:01")
+            .timeout(Duration::from_secs(180))
+            .run();
+        out.assert_ok();
+        assert_eq!(
+            out.result("ping-10.0.30.254"),
+            Some("0"),
+            "QEMU #{round}: the guest must reach the service IP through a client-mode port:\n{}",
+            out.describe()
+        );
+    }
+    let status = switch.stop();
+    assert!(status.success(), "vswitch exit status {status}");
+}

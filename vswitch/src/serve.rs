@@ -6,6 +6,7 @@ use std::sync::Arc;
 use common::server::{serve_forever, SessionHooks};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::PathBuf;
 
 use common::socket::ClaimedSocket;
 use std::os::fd::AsRawFd;
@@ -23,8 +24,6 @@ use crate::switch::{PortSpec, Switch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{0} is not supported yet; remove it from the configuration")]
-    NotYet(String),
     #[error("port {port}: qos: {source}")]
     Qos {
         port: String,
@@ -71,18 +70,55 @@ impl SessionHooks<PortBackend> for Hooks {
     }
 }
 
-/// Accept one frontend at a time on the port's public socket and relay it to the
-/// library's private socket until the session ends.
-fn accept_loop(sock: ClaimedSocket, inner_name: &str, port: &str) {
+/// Where a port's frontends come from.
+enum Frontends {
+    /// vswitch listens; QEMU connects (and reconnects).
+    Listen(ClaimedSocket),
+    /// QEMU listens (`-chardev socket,server=on`); vswitch connects, and connects again
+    /// after the session ends, for as long as it runs.
+    Connect(PathBuf),
+}
+
+/// How long a client-mode port waits between attempts to reach its QEMU.
+const RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl Frontends {
+    fn next(&self, port: &str, waiting: &mut bool) -> Option<UnixStream> {
+        match self {
+            Frontends::Listen(sock) => match sock.listener.accept() {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(port, "cannot accept a frontend: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    None
+                }
+            },
+            Frontends::Connect(path) => match UnixStream::connect(path) {
+                Ok(s) => {
+                    info!(port, socket = %path.display(), "connected to the frontend");
+                    *waiting = false;
+                    Some(s)
+                }
+                Err(e) => {
+                    if !*waiting {
+                        info!(port, socket = %path.display(), "waiting for the frontend: {e}");
+                        *waiting = true;
+                    }
+                    std::thread::sleep(RECONNECT_DELAY);
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Take one frontend at a time and relay it to the library's private socket until the
+/// session ends.
+fn frontend_loop(frontends: Frontends, inner_name: &str, port: &str) {
+    let mut waiting = false;
     loop {
-        let frontend = match sock.listener.accept() {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(e) => {
-                error!(port, "cannot accept a frontend: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
+        let Some(frontend) = frontends.next(port, &mut waiting) else {
+            continue;
         };
         let inner =
             SocketAddr::from_abstract_name(inner_name).and_then(|a| UnixStream::connect_addr(&a));
@@ -97,21 +133,7 @@ fn accept_loop(sock: ClaimedSocket, inner_name: &str, port: &str) {
     }
 }
 
-/// Refuse settings the switch parses but does not enforce yet, rather than ignore them.
-fn check_supported(cfg: &SwitchConfig) -> Result<(), ServeError> {
-    for p in &cfg.ports {
-        if p.mode == PortMode::Client {
-            return Err(ServeError::NotYet(format!(
-                "port {}: mode = \"client\"",
-                p.name
-            )));
-        }
-    }
-    Ok(())
-}
-
 pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
-    check_supported(&cfg)?;
     let termination = common::shutdown::Termination::install().map_err(ServeError::Signals)?;
     let mut specs = Vec::with_capacity(cfg.ports.len());
     for p in &cfg.ports {
@@ -150,14 +172,23 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
     // Claim every socket before serving any, so a bad path fails the start, not a port.
     let mut claimed = Vec::new();
     for p in &cfg.ports {
-        claimed.push(common::socket::claim(&p.socket)?);
+        claimed.push(match p.mode {
+            PortMode::Server => Frontends::Listen(common::socket::claim(&p.socket)?),
+            PortMode::Client => Frontends::Connect(p.socket.clone()),
+        });
     }
     if let Some(dir) = cfg.switch.control_socket.parent() {
         // The default lives in /run/vswitch, which may not exist yet.
         let _ = std::fs::create_dir_all(dir);
     }
     let control = common::socket::claim(&cfg.switch.control_socket)?;
-    let mut files: Vec<_> = claimed.iter().map(|c| c.files()).collect();
+    let mut files: Vec<_> = claimed
+        .iter()
+        .filter_map(|c| match c {
+            Frontends::Listen(sock) => Some(sock.files()),
+            Frontends::Connect(_) => None,
+        })
+        .collect();
     files.push(control.files());
     termination
         .on_signal(move |_| {
@@ -202,7 +233,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         let relay_name = name.clone();
         let acceptor = std::thread::Builder::new()
             .name(format!("accept-{name}"))
-            .spawn(move || accept_loop(sock, &inner_name, &relay_name))
+            .spawn(move || frontend_loop(sock, &inner_name, &relay_name))
             .map_err(|source| ServeError::Thread {
                 port: name.clone(),
                 source,
