@@ -2,7 +2,7 @@
 //! (guest → switch).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tracing::warn;
@@ -59,7 +59,6 @@ pub struct PortBackend {
     switch: Arc<Switch>,
     port: usize,
     acked: Arc<AtomicU64>,
-    event_idx: Arc<AtomicBool>,
 }
 
 impl PortBackend {
@@ -68,7 +67,6 @@ impl PortBackend {
             switch,
             port,
             acked: Arc::new(AtomicU64::new(0)),
-            event_idx: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -93,7 +91,6 @@ impl PortBackend {
             return;
         };
         let port = &self.switch.ports[self.port];
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut ranges: Vec<HostRange> = Vec::new();
         let mut pieces: Vec<Piece> = Vec::new();
         let mut touched: Vec<usize> = Vec::new();
@@ -104,8 +101,24 @@ impl PortBackend {
             if let Err(e) = state.disable_notification() {
                 warn!(port = %port.spec.name, "cannot disable notifications: {e}");
             }
+            // Read the avail index before loading the memory view, so that the view holds
+            // the regions of every buffer the guest has posted up to it (a driver adds a
+            // region before it uses it).
+            let target = match state
+                .get_queue()
+                .avail_idx(&*mem.memory(), std::sync::atomic::Ordering::Acquire)
+            {
+                Ok(idx) => idx.0,
+                Err(e) => {
+                    warn!(port = %port.spec.name, "cannot read the avail index: {e}");
+                    break;
+                }
+            };
             let view = mem.memory();
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) {
+            while state.get_queue().next_avail() != target {
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) else {
+                    break;
+                };
                 let head = chain.head_index();
                 ranges.clear();
                 let mut total = 0usize;
@@ -163,7 +176,8 @@ impl PortBackend {
                 Ok(false) => {}
                 Err(e) => warn!(port = %port.spec.name, "cannot read used event: {e}"),
             }
-            if throttled || !event_idx {
+            if throttled {
+                // Notifications stay off: the rate-limit timer resumes transmission.
                 break;
             }
             match state.enable_notification() {
@@ -304,9 +318,9 @@ impl VhostUserBackend for PortBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
+    /// Nothing to keep: the vring applies EVENT_IDX itself, and the enable/disable
+    /// notification calls work in both modes.
+    fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
