@@ -34,6 +34,8 @@ const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: usize = 1024;
+/// Frames' worth of tokens a rate-limited port waits for before it resumes.
+const TX_BATCH: u64 = 32;
 /// The port's rate-limit timer in its worker's epoll set; ids up to NUM_QUEUES are the
 /// library's (queues and the exit event).
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
@@ -147,10 +149,13 @@ impl PortBackend {
                 let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
                 let mut qos = port.qos();
                 if let Err(wait) = qos.tx.consume(frame_bytes, 1) {
-                    // Put the frame back; it goes out when the bucket has refilled.
+                    // Put the frame back; it goes out when the bucket has refilled. Wait for
+                    // a batch worth of tokens (or a full bucket, if smaller) rather than one
+                    // frame's: a timer wakeup per frame would cost more than the frame.
                     let q = state.get_queue_mut();
                     q.set_next_avail(q.next_avail().wrapping_sub(1));
-                    if let Err(e) = qos.timer.arm(wait) {
+                    let batch = qos.tx.time_until(frame_bytes * TX_BATCH, TX_BATCH);
+                    if let Err(e) = qos.timer.arm(wait.max(batch)) {
                         warn!(port = %port.spec.name, "cannot arm the rate-limit timer: {e}");
                     }
                     bump(&port.stats.tx_throttled, 1);

@@ -209,10 +209,15 @@ impl Switch {
                 fdb.lookup(vlan, hdr.dst, now)
             }
         };
+        let to_service = hdr.dst == ServicePort::mac_for(vlan);
+        if dest.is_none() && !to_service && sp.qos().storm.consume(0, 1).is_err() {
+            sp.count_drop(&sp.stats.drop_storm, "storm control");
+            return;
+        }
         bump(&sp.stats.rx_packets, 1);
         bump(&sp.stats.rx_bytes, frame_len as u64);
         let tagged = hdr.tag.is_some();
-        if hdr.dst == ServicePort::mac_for(vlan) {
+        if to_service {
             self.to_service(vlan, tagged, frame, scratch, touched);
             return;
         }
@@ -220,10 +225,6 @@ impl Switch {
             Some(d) if d == src => {}
             Some(d) => self.deliver(d, vlan, tagged, frame, scratch, touched),
             None => {
-                if sp.qos().storm.consume(0, 1).is_err() {
-                    sp.count_drop(&sp.stats.drop_storm, "storm control");
-                    return;
-                }
                 for d in 0..self.ports.len() {
                     if d != src && self.ports[d].spec.vlan.carries(vlan) {
                         self.deliver(d, vlan, tagged, frame, scratch, touched);
