@@ -33,14 +33,15 @@ declare -A PROVIDES=(
     [fonts-dejavu-core]=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 )
 
-# ---------------------------------------------------------------------------------------
-# vswitch (later work): add its packages here, e.g. dpdk-dev (dpdk-testpmd) and
-# openvswitch-switch-dpdk (+ update-alternatives for ovs-vswitchd-dpdk), and reserve
-# hugepages after the install step below (see /work/shared/ENVIRONMENT.md). Not installed yet.
-# PACKAGES+=(dpdk-dev openvswitch-switch-dpdk)
-# PROVIDES[dpdk-dev]=dpdk-testpmd
+# vswitch's end-to-end tests (tests/tests/testpmd_net.rs):
+#   dpdk-dev         dpdk-testpmd (DPDK 22.11): its net_virtio_user ports are real virtio-net
+#                    drivers on vswitch's vhost-user sockets; needs hugepages (see below)
+PACKAGES+=(dpdk-dev)
+PROVIDES[dpdk-dev]=dpdk-testpmd
+# Later (the vswitch benchmark): openvswitch-switch-dpdk, plus update-alternatives for
+# ovs-vswitchd-dpdk (see /work/shared/ENVIRONMENT.md). Not installed yet.
+# PACKAGES+=(openvswitch-switch-dpdk)
 # PROVIDES[openvswitch-switch-dpdk]=ovs-vsctl
-# ---------------------------------------------------------------------------------------
 
 have() {
     case "$1" in
@@ -92,11 +93,49 @@ else
     log "all system packages present (${PACKAGES[*]})"
 fi
 
-# ---------------------------------------------------------------------------------------
-# vswitch (later work): hugepages for DPDK go here, e.g.
-#   echo 1024 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
-#   mkdir -p /dev/hugepages; mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
-# ---------------------------------------------------------------------------------------
+# Hugepages for DPDK: HUGEPAGES (default 1024) 2 MiB pages reserved, and hugetlbfs on
+# /dev/hugepages. The testpmd tests take 128 MiB per testpmd process (--in-memory, so they
+# need no mount and leave no files); other DPDK users (OVS, file-backed testpmd) need the
+# mount. The reservation does not survive a reboot: rerun this script (make test does).
+# Only ever raises the reservation; without root it warns, and the testpmd tests skip
+# (outside CI) or fail (in CI) with the same explanation.
+HUGEPAGES="${HUGEPAGES:-1024}"
+HP_SYS=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
+as_root() {
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        return 1
+    fi
+}
+hugepages_ok() {
+    [ "$(cat "$HP_SYS" 2>/dev/null || echo 0)" -ge "$HUGEPAGES" ] && mountpoint -q /dev/hugepages
+}
+if [ ! -e "$HP_SYS" ]; then
+    log "WARNING: $HP_SYS missing: this kernel has no 2 MiB hugepages; testpmd tests cannot run"
+elif hugepages_ok; then
+    log "hugepages: $(cat "$HP_SYS") x 2 MiB reserved, hugetlbfs on /dev/hugepages"
+else
+    if [ "$(cat "$HP_SYS")" -lt "$HUGEPAGES" ]; then
+        log "reserving $HUGEPAGES 2 MiB hugepages (was $(cat "$HP_SYS"))"
+        as_root sh -c "echo $HUGEPAGES > $HP_SYS" ||
+            log "WARNING: cannot reserve hugepages (needs root: sudo $0)"
+    fi
+    if ! mountpoint -q /dev/hugepages; then
+        log "mounting hugetlbfs on /dev/hugepages"
+        { as_root mkdir -p /dev/hugepages && as_root mount -t hugetlbfs nodev /dev/hugepages; } ||
+            log "WARNING: cannot mount hugetlbfs on /dev/hugepages (needs root: sudo $0)"
+    fi
+    if hugepages_ok; then
+        log "hugepages: $(cat "$HP_SYS") x 2 MiB reserved, hugetlbfs on /dev/hugepages"
+    else
+        log "WARNING: hugepages: $(cat "$HP_SYS") of $HUGEPAGES reserved" \
+            "(the kernel may lack contiguous memory), /dev/hugepages" \
+            "$(mountpoint -q /dev/hugepages && echo mounted || echo 'not mounted')"
+    fi
+fi
 
 log "qemu: $(qemu-system-x86_64 --version | head -n1)"
 "$ROOT/scripts/build-guest.sh"

@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod guest;
+pub mod testpmd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

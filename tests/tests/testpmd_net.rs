@@ -1,0 +1,648 @@
+//! End-to-end with `dpdk-testpmd` virtio-user ports (real DPDK virtio-net drivers) on
+//! vswitch ports: a broadcast flood stays in its VLAN, anti-spoofing drops frames from any
+//! MAC but the port's own, and a port's MAC limit stops frames from new source MACs.
+//!
+//! Each test starts its own vswitch with a config in a temp dir. After each burst it waits
+//! until the switch has accounted for every frame the sender's port sent (`vswitch ctl
+//! stats`: forwarded or dropped for a reason), checks where the switch put them, then waits
+//! until the receiving testpmd has counted exactly the frames the switch delivered to it.
+//! So no check depends on timing, and a zero is a real zero.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::bin;
+use e2e::testpmd::{self, Testpmd, BROADCAST};
+
+/// How long each burst lasts: many thousand frames even on a busy 2-core machine.
+const BURST: Duration = Duration::from_millis(700);
+/// Time allowed for the switch, then the receiver, to account for a burst.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// The counters that account for a frame a port's driver sent: forwarded (`rx_packets`,
+/// named from the switch's side) or dropped on ingress for one of these reasons.
+const INGRESS: [&str; 7] = [
+    "rx_packets",
+    "drop_spoof",
+    "drop_vlan",
+    "drop_mac_limit",
+    "drop_mtu",
+    "drop_malformed",
+    "drop_storm",
+];
+
+/// One port of the switch under test: its name and the rest of its `[[port]]` table.
+type PortDef = (&'static str, &'static str);
+
+type Counters = HashMap<String, u64>;
+
+/// A vswitch in a temp dir, its log in a file (printed if the test fails).
+struct Switch {
+    child: Child,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Switch {
+    fn start(ports: &[PortDef]) -> Switch {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = format!(
+            "[switch]\ncontrol_socket = \"{}\"\n",
+            dir.path().join("ctl.sock").display()
+        );
+        for (name, keys) in ports {
+            let socket = dir.path().join(format!("{name}.sock"));
+            let socket = socket.display();
+            write!(
+                config,
+                "\n[[port]]\nname = \"{name}\"\nsocket = \"{socket}\"\n{keys}\n"
+            )
+            .expect("format");
+        }
+        let config_path = dir.path().join("switch.toml");
+        std::fs::write(&config_path, &config).expect("write the config");
+        let log = dir.path().join("vswitch.log");
+        let child = Command::new(bin("vswitch"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create the log"))
+            .spawn()
+            .expect("spawn vswitch");
+        let mut switch = Switch { child, dir, log };
+        // Wait for the socket files rather than connect: a probe would be a session.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut paths: Vec<PathBuf> = ports.iter().map(|(n, _)| switch.socket(n)).collect();
+        paths.push(switch.dir.path().join("ctl.sock"));
+        for path in paths {
+            while !path.exists() {
+                if let Ok(Some(status)) = switch.child.try_wait() {
+                    panic!("vswitch exited with {status}:\n{}", switch.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "vswitch did not create {} within 20 s:\n{}",
+                    path.display(),
+                    switch.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        switch
+    }
+
+    fn socket(&self, port: &str) -> PathBuf {
+        self.dir.path().join(format!("{port}.sock"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `vswitch ctl --socket ... ARGS`, its output.
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("vswitch"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(self.dir.path().join("ctl.sock"))
+            .args(args)
+            .output()
+            .expect("run vswitch ctl");
+        assert!(
+            out.status.success(),
+            "vswitch ctl {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every port's counters (`vswitch ctl stats`: `NAME:` then `  counter  value` lines).
+    fn stats(&self) -> HashMap<String, Counters> {
+        let text = self.ctl(&["stats"]);
+        let mut all: HashMap<String, Counters> = HashMap::new();
+        let mut port = None;
+        for line in text.lines() {
+            if let Some(name) = line.strip_suffix(':').filter(|_| !line.starts_with(' ')) {
+                port = Some(name.to_string());
+                all.entry(name.to_string()).or_default();
+            } else if let (Some(p), Some((k, v))) = (&port, line.trim().split_once(' ')) {
+                let v = v
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("ctl stats: {line:?}"));
+                all.entry(p.clone()).or_default().insert(k.to_string(), v);
+            }
+        }
+        all
+    }
+
+    /// Wait until the switch has accounted for all `sent` frames `port`'s driver has sent
+    /// (see [`INGRESS`]); then every port's counters.
+    fn wait_ingress(&self, port: &str, sent: u64) -> HashMap<String, Counters> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let all = self.stats();
+            let c = &all[port];
+            let seen: u64 = INGRESS.iter().map(|k| get(c, k)).sum();
+            assert!(
+                seen <= sent,
+                "the switch accounts for {seen} frames from {port}, whose driver sent {sent}: {c:?}"
+            );
+            if seen == sent {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {SETTLE:?} the switch accounts for only {seen} of the {sent} frames \
+                 {port}'s driver sent: {c:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The learned addresses of `port`, as `vlan mac` strings.
+    fn fdb_of(&self, port: &str) -> Vec<String> {
+        let text = self.ctl(&["fdb"]);
+        let mut macs: Vec<String> = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 3 && w[2] == port).then(|| format!("{} {}", w[0], w[1]))
+            })
+            .collect();
+        macs.sort();
+        macs
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill() on a child we own, with a valid signal; no memory is involved.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "vswitch exit status {status}\n{}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vswitch ignored SIGTERM\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- vswitch log ---\n{}\n---", self.log());
+        }
+    }
+}
+
+fn get(c: &Counters, key: &str) -> u64 {
+    c.get(key).copied().unwrap_or(0)
+}
+
+/// `key` of `port`, now minus before.
+fn grew(
+    now: &HashMap<String, Counters>,
+    before: &HashMap<String, Counters>,
+    port: &str,
+    key: &str,
+) -> u64 {
+    get(&now[port], key) - get(&before[port], key)
+}
+
+/// Wait until receiver port `port` has counted `want` frames in all, then check it is
+/// exactly that many.
+fn wait_rx(rx: &mut Testpmd, port: usize, want: u64) -> u64 {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let got = rx.stats()[port].rx_packets;
+        assert!(
+            got <= want,
+            "receiver port {port} counted {got} frames, the switch delivered {want}"
+        );
+        if got == want {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "receiver port {port} counted {got} of the {want} frames the switch delivered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A receiver: rxonly on every port, forwarding on core 0.
+fn receiver(ports: &[(&Path, &str)]) -> Testpmd {
+    let mut b = Testpmd::builder("rx").forward_lcore(0);
+    for (sock, mac) in ports {
+        b = b.port(sock, mac);
+    }
+    let mut rx = b.spawn();
+    rx.set_fwd("rxonly");
+    rx.start();
+    rx
+}
+
+/// A sender: txonly of 64-byte broadcast frames on every port, forwarding on core 1;
+/// not started.
+fn sender(ports: &[(&Path, &str)]) -> Testpmd {
+    let mut b = Testpmd::builder("tx").forward_lcore(1).arg("--txpkts=64");
+    for (sock, mac) in ports {
+        b = b.port(sock, mac);
+    }
+    let mut tx = b.spawn();
+    tx.set_fwd("txonly");
+    for port in 0..ports.len() as u16 {
+        tx.set_eth_peer(port, BROADCAST);
+    }
+    tx
+}
+
+#[test]
+fn broadcast_flood_stays_in_its_vlan() {
+    if !testpmd::require_testpmd(2) {
+        return;
+    }
+    let started = Instant::now();
+    let switch = Switch::start(&[
+        ("a10", "vlan = 10"),
+        ("b10", "vlan = 10"),
+        ("a20", "vlan = 20"),
+        ("b20", "vlan = 20"),
+    ]);
+    let sock = |n: &str| switch.socket(n);
+    let (a10, b10, a20, b20) = (sock("a10"), sock("b10"), sock("a20"), sock("b20"));
+    // Receiver port 0 is b10 and port 1 b20; sender port 0 is a10 and port 1 a20.
+    let mut rx = receiver(&[(&b10, "02:00:00:00:10:02"), (&b20, "02:00:00:00:20:02")]);
+    let mut tx = sender(&[(&a10, "02:00:00:00:10:01"), (&a20, "02:00:00:00:20:01")]);
+
+    let mut before = switch.stats();
+    let mut received = [0u64; 2];
+    let mut sent = [0u64; 2];
+    // (sending port, its switch port, same-VLAN receiver, other-VLAN receiver, other-VLAN sender)
+    let floods = [
+        (0usize, "a10", (0usize, "b10"), (1usize, "b20"), "a20"),
+        (1, "a20", (1, "b20"), (0, "b10"), "a10"),
+    ];
+    for (port, from, (same, same_name), (other, other_name), other_sender) in floods {
+        tx.set_portlist(&[port as u16]);
+        tx.run_for(BURST);
+        let t = tx.stats();
+        let burst = t[port].tx_packets - sent[port];
+        assert!(burst > 0, "{from} sent nothing: {t:?}");
+        assert_eq!(
+            t[1 - port].tx_packets,
+            sent[1 - port],
+            "only {from} should have sent"
+        );
+        sent[port] = t[port].tx_packets;
+        let now = switch.wait_ingress(from, sent[port]);
+        let grew = |p: &str, k: &str| grew(&now, &before, p, k);
+        assert_eq!(grew(from, "rx_packets"), burst, "{from}: {:?}", now[from]);
+        // Flooded to exactly the other port of its VLAN: into its ring or dropped there
+        // for want of receive buffers (the receiver polls on a shared core).
+        let delivered = grew(same_name, "tx_packets");
+        assert_eq!(
+            delivered + grew(same_name, "drop_no_rx_buffer"),
+            burst,
+            "{same_name}, the other port of {from}'s VLAN, must get each of its {burst} frames: {:?}",
+            now[same_name]
+        );
+        assert!(delivered > 0, "{same_name} got none of {from}'s frames");
+        for p in [other_name, other_sender] {
+            assert_eq!(
+                (grew(p, "tx_packets"), grew(p, "drop_no_rx_buffer")),
+                (0, 0),
+                "{p} is on the other VLAN: the switch must not even try to deliver {from}'s flood to it: {:?}",
+                now[p]
+            );
+        }
+        received[same] = wait_rx(&mut rx, same, received[same] + delivered);
+        let r = rx.stats();
+        assert_eq!(
+            r[other].rx_packets, received[other],
+            "{other_name} received frames of the other VLAN's flood"
+        );
+        before = now;
+    }
+    tx.quit();
+    rx.quit();
+    switch.stop();
+    eprintln!(
+        "flood: VLAN 10 sent {} and received {}, VLAN 20 sent {} and received {}; {:.1?}",
+        sent[0],
+        received[0],
+        sent[1],
+        received[1],
+        started.elapsed()
+    );
+}
+
+#[test]
+fn anti_spoof_passes_only_the_port_mac() {
+    if !testpmd::require_testpmd(2) {
+        return;
+    }
+    let started = Instant::now();
+    const OWN: &str = "02:00:00:00:0a:01";
+    const SPOOFED: &str = "02:00:00:00:0b:ad";
+    let switch = Switch::start(&[
+        (
+            "vm",
+            "vlan = 10\nmac = \"02:00:00:00:0a:01\"\nanti_spoof = true",
+        ),
+        ("peer", "vlan = 10"),
+    ]);
+    let (vm, peer) = (switch.socket("vm"), switch.socket("peer"));
+    let mut rx = receiver(&[(&peer, "02:00:00:00:0a:02")]);
+    // The driver claims another MAC than the port's: every frame it sends is spoofed.
+    let mut tx = sender(&[(&vm, SPOOFED)]);
+    let before = switch.stats();
+    tx.run_for(BURST);
+    let spoofed = tx.stats()[0].tx_packets;
+    assert!(spoofed > 0, "the sender sent nothing");
+    let now = switch.wait_ingress("vm", spoofed);
+    assert_eq!(
+        grew(&now, &before, "vm", "drop_spoof"),
+        spoofed,
+        "every frame from {SPOOFED} on a port whose MAC is {OWN} is dropped and counted: {:?}",
+        now["vm"]
+    );
+    for k in ["tx_packets", "drop_no_rx_buffer"] {
+        assert_eq!(
+            grew(&now, &before, "peer", k),
+            0,
+            "peer {k}: {:?}",
+            now["peer"]
+        );
+    }
+    assert_eq!(rx.stats()[0].rx_packets, 0, "peer received spoofed frames");
+    assert_eq!(
+        switch.fdb_of("vm"),
+        Vec::<String>::new(),
+        "a spoofed MAC was learned"
+    );
+
+    // The same port sending from its own MAC goes through.
+    tx.set_mac(0, OWN);
+    let before = now;
+    tx.run_for(BURST);
+    let own = tx.stats()[0].tx_packets - spoofed;
+    assert!(own > 0, "the sender sent nothing from {OWN}");
+    let now = switch.wait_ingress("vm", spoofed + own);
+    assert_eq!(
+        grew(&now, &before, "vm", "rx_packets"),
+        own,
+        "frames from the port's own MAC are forwarded: {:?}",
+        now["vm"]
+    );
+    let delivered = grew(&now, &before, "peer", "tx_packets");
+    assert_eq!(
+        delivered + grew(&now, &before, "peer", "drop_no_rx_buffer"),
+        own,
+        "peer: {:?}",
+        now["peer"]
+    );
+    assert!(
+        delivered > 0,
+        "peer got none of the {own} frames from {OWN}"
+    );
+    let received = wait_rx(&mut rx, 0, delivered);
+    assert_eq!(switch.fdb_of("vm"), [format!("10 {OWN}")]);
+    tx.quit();
+    rx.quit();
+    switch.stop();
+    eprintln!(
+        "anti-spoof: {spoofed} frames from {SPOOFED} dropped, {own} from {OWN} sent and \
+         {received} received; {:.1?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn mac_limit_drops_frames_from_new_macs() {
+    if !testpmd::require_testpmd(2) {
+        return;
+    }
+    let started = Instant::now();
+    let switch = Switch::start(&[("vm", "vlan = 10\nmac_limit = 2"), ("peer", "vlan = 10")]);
+    let (vm, peer) = (switch.socket("vm"), switch.socket("peer"));
+    let mut rx = receiver(&[(&peer, "02:00:00:00:0c:02")]);
+    // testpmd sends from its port's MAC only, so the port's MAC changes between bursts:
+    // (source MAC, whether the switch may learn it with a limit of 2).
+    let (m1, m2) = ("02:00:00:00:0c:01", "02:00:00:00:0c:11");
+    let steps = [
+        (m1, true),
+        (m2, true),
+        ("02:00:00:00:0c:12", false),
+        ("02:00:00:00:0c:13", false),
+        // A MAC learned before the limit was reached still passes.
+        (m1, true),
+    ];
+    let mut tx = sender(&[(&vm, m1)]);
+    let (mut sent, mut received) = (0u64, 0u64);
+    let (mut passed, mut refused) = (0u64, 0u64);
+    let mut before = switch.stats();
+    for (i, &(mac, allowed)) in steps.iter().enumerate() {
+        if i > 0 {
+            tx.set_mac(0, mac);
+        }
+        tx.run_for(BURST);
+        let burst = tx.stats()[0].tx_packets - sent;
+        sent += burst;
+        assert!(burst > 0, "step {i}: nothing sent from {mac}");
+        let now = switch.wait_ingress("vm", sent);
+        let grew = |p: &str, k: &str| grew(&now, &before, p, k);
+        let delivered = grew("peer", "tx_packets");
+        if allowed {
+            assert_eq!(
+                grew("vm", "rx_packets"),
+                burst,
+                "step {i}: frames from {mac}, within the limit, are forwarded: {:?}",
+                now["vm"]
+            );
+            assert_eq!(
+                delivered + grew("peer", "drop_no_rx_buffer"),
+                burst,
+                "step {i}: {:?}",
+                now["peer"]
+            );
+            assert!(delivered > 0, "step {i}: peer got none of {mac}'s frames");
+            passed += burst;
+        } else {
+            assert_eq!(
+                grew("vm", "drop_mac_limit"),
+                burst,
+                "step {i}: frames from {mac}, a third MAC on a port with mac_limit = 2, \
+                 are dropped and counted: {:?}",
+                now["vm"]
+            );
+            assert_eq!(
+                (delivered, grew("peer", "drop_no_rx_buffer")),
+                (0, 0),
+                "step {i}: frames from {mac} reached peer: {:?}",
+                now["peer"]
+            );
+            refused += burst;
+        }
+        received = wait_rx(&mut rx, 0, received + delivered);
+        before = now;
+    }
+    let mut learned = vec![format!("10 {m1}"), format!("10 {m2}")];
+    learned.sort();
+    assert_eq!(switch.fdb_of("vm"), learned, "vm's learned MACs");
+    tx.quit();
+    rx.quit();
+    switch.stop();
+    eprintln!(
+        "mac limit: {passed} frames from 2 MACs passed ({received} received), {refused} \
+         from 2 more dropped; {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// Sends 1518-byte frames as fast as testpmd can through a port limited to `bps` and
+/// checks the rate the switch let through over a measured window, and that nothing was
+/// dropped: the limit holds the frames in the sender's ring (backpressure).
+fn tx_rate_limit(bps: u64) {
+    if !testpmd::require_testpmd(2) {
+        return;
+    }
+    // The port table outlives the test's switch; leaking one short string is fine here.
+    let qos: &'static str = format!("vlan = 10\nqos = {{ tx_rate_bps = {bps} }}").leak();
+    let switch = Switch::start(&[("a", qos), ("b", "vlan = 10")]);
+    let (a, b) = (switch.socket("a"), switch.socket("b"));
+    let mut rx = receiver(&[(&b, "02:00:00:00:10:02")]);
+    let mut b_tx = Testpmd::builder("tx")
+        .forward_lcore(1)
+        .arg("--txpkts=1514")
+        .port(&a, "02:00:00:00:10:01")
+        .spawn();
+    b_tx.set_fwd("txonly");
+    b_tx.set_eth_peer(0, "02:00:00:00:10:02");
+    b_tx.start();
+    // Let the burst allowance drain, then measure over a window.
+    std::thread::sleep(Duration::from_millis(600));
+    let (t0, c0) = (Instant::now(), switch.stats());
+    std::thread::sleep(Duration::from_secs(3));
+    let (t1, c1) = (Instant::now(), switch.stats());
+    b_tx.stop();
+    let bytes = grew(&c1, &c0, "a", "rx_bytes");
+    let measured = bytes as f64 * 8.0 / t1.duration_since(t0).as_secs_f64();
+    let ratio = measured / bps as f64;
+    eprintln!("limit {bps} bit/s: measured {measured:.0} bit/s ({ratio:.3})");
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "limit {bps} bit/s, measured {measured:.0} bit/s ({ratio:.3} of the limit): {:?}",
+        c1["a"]
+    );
+    for k in INGRESS.iter().filter(|k| **k != "rx_packets") {
+        assert_eq!(
+            get(&c1["a"], k),
+            0,
+            "{k} on the limited port: {:?}",
+            c1["a"]
+        );
+    }
+    assert!(
+        get(&c1["a"], "tx_throttled") > 0,
+        "the limit never held the ring back: {:?}",
+        c1["a"]
+    );
+    // Everything the switch took from the sender went to the receiver's ring, or was
+    // counted there when that ring was full (the receiving testpmd shares a core).
+    let sent = b_tx.stats()[0].tx_packets;
+    let all = switch.wait_ingress("a", sent);
+    let delivered = get(&all["b"], "tx_packets");
+    assert_eq!(
+        delivered + get(&all["b"], "drop_no_rx_buffer"),
+        sent,
+        "frames unaccounted for between the ports: {:?}",
+        all["b"]
+    );
+    wait_rx(&mut rx, 0, delivered);
+    drop(b_tx);
+    drop(rx);
+    switch.stop();
+}
+
+#[test]
+fn tx_rate_limit_100_mbit() {
+    tx_rate_limit(100_000_000);
+}
+
+#[test]
+fn tx_rate_limit_1_gbit() {
+    tx_rate_limit(1_000_000_000);
+}
+
+/// Storm control caps the broadcast a port may send, and counts what it drops.
+#[test]
+fn storm_control_caps_broadcast() {
+    if !testpmd::require_testpmd(2) {
+        return;
+    }
+    let switch = Switch::start(&[
+        ("a", "vlan = 10\nqos = { storm_pps = 1000 }"),
+        ("b", "vlan = 10"),
+    ]);
+    let (a, b) = (switch.socket("a"), switch.socket("b"));
+    let rx = receiver(&[(&b, "02:00:00:00:10:02")]);
+    let mut tx = sender(&[(&a, "02:00:00:00:10:01")]);
+    let before = switch.stats();
+    tx.start();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    tx.stop();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let sent = tx.stats()[0].tx_packets;
+    let now = switch.wait_ingress("a", sent);
+    let passed = grew(&now, &before, "a", "rx_packets");
+    let dropped = grew(&now, &before, "a", "drop_storm");
+    // 1000 pps for the time the sender ran, plus the bucket's 32-packet allowance.
+    let allowed = 1000.0 * (elapsed + 0.2) + 32.0;
+    assert!(
+        dropped > 0,
+        "a flood of {sent} frames must hit storm control"
+    );
+    assert!(
+        (passed as f64) <= allowed,
+        "{passed} broadcasts passed in {elapsed:.2} s, storm_pps = 1000 allows {allowed:.0}"
+    );
+    assert!(
+        passed as f64 >= 1000.0 * elapsed * 0.8,
+        "only {passed} broadcasts passed in {elapsed:.2} s at storm_pps = 1000"
+    );
+    let delivered =
+        grew(&now, &before, "b", "tx_packets") + grew(&now, &before, "b", "drop_no_rx_buffer");
+    assert_eq!(
+        delivered, passed,
+        "what passed storm control is flooded to b"
+    );
+    drop(tx);
+    drop(rx);
+    switch.stop();
+}
