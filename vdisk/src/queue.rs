@@ -107,7 +107,12 @@ impl QueueWorker {
         };
         let mut deadline = Instant::now() + poll;
         loop {
-            let taken = self.take_available(vring, mem, dev);
+            let Some(taken) = self.take_available(vring, mem, dev) else {
+                // Finish what is in flight; the next kick (after a reset) starts afresh.
+                self.submit_and_complete(vring, dev);
+                self.asleep_since = Some(Instant::now());
+                break;
+            };
             let polling = !poll.is_zero() && (taken > 0 || Instant::now() < deadline);
             if !polling {
                 // Re-arm notifications before the guest sees these completions; anything
@@ -177,7 +182,9 @@ impl QueueWorker {
         }
     }
 
-    /// Pop, validate and queue every available chain; returns how many.
+    /// Pop, validate and queue every available chain; returns how many, or None when the
+    /// queue cannot be used (stopped or reset under us, or a bogus avail index): then the
+    /// caller must not loop on "more available", which would never drain.
     ///
     /// The memory view is loaded after reading the avail index, never before: the driver
     /// adds a memory region (and waits for the ack) before it publishes a request that
@@ -187,8 +194,11 @@ impl QueueWorker {
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<Mem>,
         dev: &Device,
-    ) -> usize {
+    ) -> Option<usize> {
         let mut state = vring.get_mut();
+        if !state.get_queue().ready() {
+            return None;
+        }
         if let Err(e) = state.disable_notification() {
             warn!(queue = self.index, "cannot disable notifications: {e}");
         }
@@ -198,18 +208,16 @@ impl QueueWorker {
                 Ok(idx) => idx.0,
                 Err(e) => {
                     warn!(queue = self.index, "cannot read the avail index: {e}");
-                    return n;
+                    return None;
                 }
             };
             if target == state.get_queue().next_avail() {
-                return n;
+                return Some(n);
             }
             let view = mem.memory().into_inner();
             while state.get_queue().next_avail() != target {
                 // None: the driver's avail index is bogus; the queue reports it.
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) else {
-                    return n;
-                };
+                let chain = state.get_queue_mut().pop_descriptor_chain(&*view)?;
                 n += 1;
                 match request::parse(chain, &*view, &dev.limits, &mut self.scratch) {
                     Ok(req) => self.start(req, &view, dev),

@@ -98,8 +98,13 @@ impl PortBackend {
         let mut touched: Vec<usize> = Vec::new();
         let mut used: Vec<u16> = Vec::new();
         let mut throttled = false;
+        let mut unusable = false;
         loop {
             let mut state = tx.get_mut();
+            if !state.get_queue().ready() {
+                // Stopped or reset under us (the frontend is going away).
+                break;
+            }
             if let Err(e) = state.disable_notification() {
                 warn!(port = %port.spec.name, "cannot disable notifications: {e}");
             }
@@ -119,6 +124,8 @@ impl PortBackend {
             let view = mem.memory();
             while state.get_queue().next_avail() != target {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) else {
+                    // A bogus avail index: looping on "more available" would never end.
+                    unusable = true;
                     break;
                 };
                 let head = chain.head_index();
@@ -181,8 +188,9 @@ impl PortBackend {
                 Ok(false) => {}
                 Err(e) => warn!(port = %port.spec.name, "cannot read used event: {e}"),
             }
-            if throttled {
-                // Notifications stay off: the rate-limit timer resumes transmission.
+            if throttled || unusable {
+                // Throttled: notifications stay off, the rate-limit timer resumes
+                // transmission. Unusable: wait for the frontend to set the ring up again.
                 break;
             }
             match state.enable_notification() {
