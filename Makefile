@@ -32,8 +32,11 @@ test: setup build
 demo:
 	scripts/demo.sh
 
-## Benchmarks against peers (the benches crate): docs/bench/blk.{md,png}, blk-direct.{md,png}.
+## Benchmarks against peers (the benches crate): docs/bench/blk.{md,png}, blk-direct.{md,png},
+## net.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need (OVS-DPDK, DPDK).
 bench: setup
-	$(CARGO) build --release -p vdisk -p benches
+	scripts/setup-bench.sh
+	$(CARGO) build --release -p vdisk -p vswitch -p benches
 	$(CARGO) run --release -p benches -- blk
 	$(CARGO) run --release -p benches -- blk --direct
+	$(CARGO) run --release -p benches -- net

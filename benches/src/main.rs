@@ -3,9 +3,14 @@
 //! `cargo run --release -p benches -- blk [--quick] [--direct] [--out docs/bench]` measures
 //! vdisk against qemu-storage-daemon (both driven by libblkio over vhost-user) and against fio
 //! on the same image file, and writes a markdown table and a PNG chart.
+//!
+//! `cargo run --release -p benches -- net [--quick] [--out docs/bench]` measures vswitch against
+//! Open vSwitch with DPDK and DPDK's vhost PMD in a PVP-style loopback driven by dpdk-testpmd
+//! (64- and 1518-byte frames), and writes docs/bench/net.md and net.png.
 
 mod blk;
 mod chart;
+mod net;
 mod signals;
 
 use std::process::ExitCode;
@@ -13,7 +18,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Benchmarks: vdisk vs qemu-storage-daemon vs fio", version)]
+#[command(
+    about = "Benchmarks: vdisk vs qemu-storage-daemon vs fio; vswitch vs OVS-DPDK vs DPDK vhost PMD",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -23,6 +31,8 @@ struct Cli {
 enum Cmd {
     /// vhost-user-blk: vdisk and qemu-storage-daemon through libblkio, fio as the ceiling.
     Blk(blk::Args),
+    /// vhost-user-net: vswitch, OVS-DPDK and DPDK's vhost PMD in a testpmd PVP loopback.
+    Net(net::Args),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +40,7 @@ fn main() -> ExitCode {
     signals::install();
     let result = match cli.cmd {
         Cmd::Blk(args) => blk::run(&args),
+        Cmd::Net(args) => net::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

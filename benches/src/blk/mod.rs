@@ -6,7 +6,7 @@
 //! the daemons' CPU time per operation, are what to compare.
 
 mod client;
-mod daemon;
+pub(crate) mod daemon;
 mod fio;
 
 use std::fmt::Write as _;
