@@ -3,6 +3,7 @@
 //! shutdown on SIGINT/SIGTERM, and the token-bucket rate limiter.
 
 pub mod logging;
+pub mod memory;
 pub mod ratelimit;
 pub mod server;
 pub mod shutdown;

@@ -115,20 +115,8 @@ impl BlkBackend {
     }
 
     pub fn log_stats(&self) {
-        let stats: Vec<String> = self
-            .inner
-            .dev
-            .stats
-            .snapshot()
-            .into_iter()
-            .filter(|(_, v)| *v != 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if stats.is_empty() {
-            info!("counters: no requests");
-        } else {
-            info!("counters: {}", stats.join(" "));
-        }
+        let snapshot = self.inner.dev.stats.snapshot();
+        info!("counters: {}", common::memory::nonzero_counters(&snapshot));
     }
 
     fn current_mem(&self) -> Option<GuestMemoryAtomic<Mem>> {

@@ -8,12 +8,13 @@
 
 use std::sync::atomic::AtomicU64;
 
+use common::memory::host_range;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use crate::stats::Stats;
 
@@ -184,17 +185,6 @@ fn host_iovecs<M: GuestMemoryBackend>(
         }
     }
     Ok(())
-}
-
-/// Host address of `len` bytes at `addr` when they lie in one memory region, the common
-/// case, found with one region lookup instead of vm-memory's general slice iterator.
-fn host_range<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: u64) -> Option<*mut u8> {
-    let (region, offset) = mem.to_region_addr(addr)?;
-    let end = offset.raw_value().checked_add(len)?;
-    if end > region.len() {
-        return None;
-    }
-    region.get_host_address(offset).ok()
 }
 
 /// Gather `buf.len()` bytes starting `skip` bytes into `segs`.

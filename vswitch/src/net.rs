@@ -15,9 +15,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -46,12 +44,7 @@ pub fn host_range<M: GuestMemoryBackend>(
     addr: GuestAddress,
     len: usize,
 ) -> Option<HostRange> {
-    let (region, offset) = mem.to_region_addr(addr)?;
-    let end = offset.0.checked_add(len as u64)?;
-    if end > region.len() {
-        return None;
-    }
-    let ptr = region.get_host_address(offset).ok()?;
+    let ptr = common::memory::host_range(mem, addr, len as u64)?;
     Some(HostRange { ptr, len })
 }
 

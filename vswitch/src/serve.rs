@@ -59,14 +59,8 @@ impl SessionHooks<PortBackend> for Hooks {
     fn detached(&self) {
         self.switch.port_detached(self.port);
         let p = &self.switch.ports[self.port];
-        let counters: Vec<String> = p
-            .stats
-            .snapshot()
-            .into_iter()
-            .filter(|(_, v)| *v != 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        info!(port = %p.spec.name, "guest disconnected; counters: {}", counters.join(" "));
+        let counters = common::memory::nonzero_counters(&p.stats.snapshot());
+        info!(port = %p.spec.name, "guest disconnected; counters: {counters}");
     }
 }
 
