@@ -228,7 +228,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
-        cpu: cpu_model(),
+        cpu: crate::blk::cpu_model(),
         versions: Vec::new(),
         exits: Vec::new(),
     };
@@ -1420,18 +1420,6 @@ fn dpdk_version() -> String {
         .filter(|v| !v.is_empty())
         .map(|v| format!("(Debian dpdk {v})"))
         .unwrap_or_else(|| "(version unknown)".to_string())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
 }
 
 #[cfg(test)]
