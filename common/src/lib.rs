@@ -8,3 +8,4 @@ pub mod ratelimit;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod vring;

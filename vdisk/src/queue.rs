@@ -585,14 +585,8 @@ impl QueueWorker {
                 warn!(queue = self.index, head, "cannot add used entry: {e}");
             }
         }
-        match state.needs_notification() {
-            Ok(true) => {
-                if let Err(e) = state.signal_used_queue() {
-                    warn!(queue = self.index, "cannot notify the guest: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => warn!(queue = self.index, "cannot read used event: {e}"),
+        if let Err(e) = common::vring::notify_guest(&mut state) {
+            warn!(queue = self.index, "{e}");
         }
     }
 }

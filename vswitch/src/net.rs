@@ -172,14 +172,8 @@ impl PortBackend {
                     warn!(port = %port.spec.name, "cannot add used entry: {e}");
                 }
             }
-            match state.needs_notification() {
-                Ok(true) => {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!(port = %port.spec.name, "cannot notify the guest: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => warn!(port = %port.spec.name, "cannot read used event: {e}"),
+            if let Err(e) = common::vring::notify_guest(&mut state) {
+                warn!(port = %port.spec.name, "{e}");
             }
             if throttled || unusable {
                 // Throttled: notifications stay off, the rate-limit timer resumes

@@ -441,15 +441,8 @@ impl Switch {
             }
             rx.unsignalled = false;
             if let Some(vring) = rx.vring.as_ref() {
-                let mut state = vring.get_mut();
-                match state.needs_notification() {
-                    Ok(true) => {
-                        if let Err(e) = state.signal_used_queue() {
-                            warn!(port = %p.spec.name, "cannot notify the guest: {e}");
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => warn!(port = %p.spec.name, "cannot read used event: {e}"),
+                if let Err(e) = common::vring::notify_guest(&mut vring.get_mut()) {
+                    warn!(port = %p.spec.name, "{e}");
                 }
             }
         }
