@@ -1,6 +1,7 @@
 //! The forwarding database: which port a (VLAN, MAC) was last seen on.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::frame::Mac;
@@ -27,8 +28,69 @@ pub enum Learned {
     PortLimit,
 }
 
+/// (VLAN, MAC) packed into one word: the key is hashed for every frame, twice.
+fn key(vlan: u16, mac: Mac) -> u64 {
+    let m = mac.0;
+    u64::from(vlan) << 48 | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
+}
+
+fn unkey(k: u64) -> (u16, Mac) {
+    let b = k.to_be_bytes();
+    ((k >> 48) as u16, Mac([b[2], b[3], b[4], b[5], b[6], b[7]]))
+}
+
+/// A one-multiply hash of a packed key, seeded per process so that guests cannot aim
+/// their addresses at one bucket (SipHash would cost more than the rest of the lookup).
+#[derive(Clone, Copy)]
+struct KeyHash {
+    seed: u64,
+}
+
+impl KeyHash {
+    fn new() -> KeyHash {
+        KeyHash {
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u64) | 1,
+        }
+    }
+}
+
+struct KeyHasher {
+    seed: u64,
+    h: u64,
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        // Folded multiply: every input bit reaches both the high bits hashbrown uses for
+        // its tags and the low bits it uses for the bucket.
+        let full = u128::from(self.h ^ x) * u128::from(self.seed ^ 0x9e37_79b9_7f4a_7c15);
+        self.h = (full as u64) ^ (full >> 64) as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.h
+    }
+}
+
+impl BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher {
+            seed: self.seed,
+            h: self.seed.rotate_left(29),
+        }
+    }
+}
+
 pub struct Fdb {
-    entries: HashMap<(u16, Mac), Entry>,
+    entries: HashMap<u64, Entry, KeyHash>,
     per_port: Vec<u32>,
     port_limits: Vec<Option<u32>>,
     capacity: usize,
@@ -38,7 +100,7 @@ pub struct Fdb {
 impl Fdb {
     pub fn new(capacity: usize, aging: Duration, port_limits: Vec<Option<u32>>) -> Fdb {
         Fdb {
-            entries: HashMap::with_capacity(capacity.min(1 << 16)),
+            entries: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), KeyHash::new()),
             per_port: vec![0; port_limits.len()],
             port_limits,
             capacity,
@@ -51,14 +113,13 @@ impl Fdb {
     }
 
     pub fn learn(&mut self, vlan: u16, mac: Mac, port: usize, now: Instant) -> Learned {
-        let key = (vlan, mac);
-        if let Some(e) = self.entries.get(&key).copied() {
+        let key = key(vlan, mac);
+        if let Some(e) = self.entries.get_mut(&key) {
             if e.port == port {
-                if let Some(e) = self.entries.get_mut(&key) {
-                    e.last_seen = now;
-                }
+                e.last_seen = now;
                 return Learned::Refreshed;
             }
+            let e = *e;
             if !self.has_room_on(port) {
                 return Learned::PortLimit;
             }
@@ -104,7 +165,7 @@ impl Fdb {
     /// The port a unicast address lives on, if known and not aged out.
     pub fn lookup(&self, vlan: u16, mac: Mac, now: Instant) -> Option<usize> {
         self.entries
-            .get(&(vlan, mac))
+            .get(&key(vlan, mac))
             .filter(|e| !self.expired(e, now))
             .map(|e| e.port)
     }
@@ -136,7 +197,8 @@ impl Fdb {
             .entries
             .iter()
             .filter(|(_, e)| !self.expired(e, now))
-            .map(|(&(vlan, mac), e)| {
+            .map(|(&k, e)| {
+                let (vlan, mac) = unkey(k);
                 (
                     vlan,
                     mac,
@@ -165,6 +227,13 @@ mod tests {
 
     fn mac(n: u8) -> Mac {
         Mac([2, 0, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn key_round_trip() {
+        for (vlan, m) in [(0, [0u8; 6]), (4095, [0xff; 6]), (10, [2, 0, 0, 0, 0, 7])] {
+            assert_eq!(unkey(key(vlan, Mac(m))), (vlan, Mac(m)));
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod frame;
 pub mod net;
 pub mod qos;
 pub mod relay;
+pub mod ring;
 pub mod serve;
 pub mod service;
 pub mod stats;

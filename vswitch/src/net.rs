@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -14,17 +14,18 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::copy::{HostRange, Piece};
+use crate::copy::{self, HostRange};
 use crate::frame::{self, PEEK_LEN};
+use crate::ring::{Ring, Seg};
 use crate::stats::bump;
-use crate::switch::{Mem, Switch};
+use crate::switch::{Frame, Mem, Port, Scratch, Switch};
 
 /// virtio_net_hdr_v1: 12 bytes whenever VERSION_1 is negotiated.
 pub const NET_HDR_LEN: usize = 12;
@@ -54,6 +55,7 @@ pub struct PortBackend {
     switch: Arc<Switch>,
     port: usize,
     acked: Arc<AtomicU64>,
+    scratch: Arc<Mutex<TxScratch>>,
 }
 
 impl PortBackend {
@@ -62,6 +64,7 @@ impl PortBackend {
             switch,
             port,
             acked: Arc::new(AtomicU64::new(0)),
+            scratch: Arc::new(Mutex::new(TxScratch::default())),
         }
     }
 
@@ -86,12 +89,11 @@ impl PortBackend {
             return;
         };
         let port = &self.switch.ports[self.port];
-        let mut ranges: Vec<HostRange> = Vec::new();
-        let mut pieces: Vec<Piece> = Vec::new();
-        let mut touched: Vec<usize> = Vec::new();
-        let mut used: Vec<u16> = Vec::new();
-        let mut throttled = false;
-        let mut unusable = false;
+        let mut guard = match self.scratch.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let s = &mut *guard;
         loop {
             let mut state = tx.get_mut();
             if !state.get_queue().ready() {
@@ -101,84 +103,55 @@ impl PortBackend {
             if let Err(e) = state.disable_notification() {
                 warn!(port = %port.spec.name, "cannot disable notifications: {e}");
             }
-            // Read the avail index before loading the memory view, so that the view holds
-            // the regions of every buffer the guest has posted up to it (a driver adds a
-            // region before it uses it).
-            let target = match state
-                .get_queue()
-                .avail_idx(&*mem.memory(), std::sync::atomic::Ordering::Acquire)
-            {
-                Ok(idx) => idx.0,
-                Err(e) => {
-                    warn!(port = %port.spec.name, "cannot read the avail index: {e}");
-                    break;
-                }
-            };
+            let event_idx = state.get_queue().event_idx_enabled();
+            let queue = state.get_queue_mut();
             let view = mem.memory();
-            while state.get_queue().next_avail() != target {
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*view) else {
-                    // A bogus avail index: looping on "more available" would never end.
-                    unusable = true;
-                    break;
-                };
-                let head = chain.head_index();
-                ranges.clear();
-                let mut total = 0usize;
-                let mut bad = None;
-                for d in chain {
-                    if d.is_write_only() {
-                        bad = Some("device-writable descriptor in a transmit chain");
+            let next = queue.next_avail();
+            let (ring, posted) =
+                match Ring::new(queue, &view).and_then(|r| r.posted(next).map(|n| (r, n))) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Wait for the frontend to set the ring up again.
+                        warn!(port = %port.spec.name, "unusable transmit ring: {e}");
                         break;
                     }
-                    match host_range(&*view, d.addr(), d.len() as usize) {
-                        Some(r) => {
-                            total += r.len;
-                            ranges.push(r);
-                        }
-                        None => {
-                            bad = Some("transmit buffer outside guest memory");
-                            break;
-                        }
+                };
+            if !std::ptr::eq(&*view, &*mem.memory()) {
+                // The guest's memory table changed while the index was read: start over
+                // with the new one, which holds every buffer posted so far.
+                continue;
+            }
+            s.take(&ring, next, posted, port);
+            queue.set_next_avail(next.wrapping_add(s.heads.len() as u16));
+            let throttled = s.police(queue, port);
+            s.classify(port);
+            self.switch
+                .forward_batch(self.port, &s.frames, &s.ranges, &mut s.switch);
+            let full = s.heads.len() == TX_BATCH as usize;
+            let old = queue.next_used();
+            let mut used = old;
+            for &head in &s.heads {
+                if head < queue.size() {
+                    ring.put_used(used, head, 0);
+                    used = used.wrapping_add(1);
+                }
+            }
+            if used != old {
+                ring.publish(used);
+                queue.set_next_used(used);
+                if ring.wants_interrupt(event_idx, old, used) {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!(port = %port.spec.name, "cannot notify the guest: {e}");
                     }
                 }
-                if let Some(what) = bad {
-                    used.push(head);
-                    port_drop(port, &port.stats.drop_malformed, what);
-                    continue;
-                }
-                let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
-                let mut qos = port.qos();
-                if let Err(wait) = qos.tx.consume(frame_bytes, 1) {
-                    // Put the frame back; it goes out when the bucket has refilled. Wait for
-                    // a batch worth of tokens (or a full bucket, if smaller) rather than one
-                    // frame's: a timer wakeup per frame would cost more than the frame.
-                    let q = state.get_queue_mut();
-                    q.set_next_avail(q.next_avail().wrapping_sub(1));
-                    let batch = qos.tx.time_until(frame_bytes * TX_BATCH, TX_BATCH);
-                    if let Err(e) = qos.timer.arm(wait.max(batch)) {
-                        warn!(port = %port.spec.name, "cannot arm the rate-limit timer: {e}");
-                    }
-                    bump(&port.stats.tx_throttled, 1);
-                    throttled = true;
-                    break;
-                }
-                drop(qos);
-                used.push(head);
-                self.forward_one(&ranges, total, &mut pieces, &mut touched);
             }
-            drop(view);
-            for head in used.drain(..) {
-                if let Err(e) = state.add_used(head, 0) {
-                    warn!(port = %port.spec.name, "cannot add used entry: {e}");
-                }
-            }
-            if let Err(e) = common::vring::notify_guest(&mut state) {
-                warn!(port = %port.spec.name, "{e}");
-            }
-            if throttled || unusable {
-                // Throttled: notifications stay off, the rate-limit timer resumes
-                // transmission. Unusable: wait for the frontend to set the ring up again.
+            if throttled {
+                // Notifications stay off; the rate-limit timer resumes transmission.
                 break;
+            }
+            if full {
+                // More may be waiting: take it before paying for a notification round.
+                continue;
             }
             match state.enable_notification() {
                 Ok(true) => continue,
@@ -189,73 +162,168 @@ impl PortBackend {
                 }
             }
         }
-        self.switch.signal(&touched);
     }
+}
 
-    fn forward_one(
-        &self,
-        ranges: &[HostRange],
-        total: usize,
-        pieces: &mut Vec<Piece>,
-        touched: &mut Vec<usize>,
-    ) {
-        let port = &self.switch.ports[self.port];
-        if total < NET_HDR_LEN + frame::ETH_HLEN {
-            port_drop(
-                port,
-                &port.stats.drop_malformed,
-                "frame shorter than its headers",
-            );
-            return;
-        }
-        // Peek at the virtio-net header and the start of the frame (not a copy of the frame).
-        let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
-        let peek_len = gather(ranges, &mut head);
-        let gso_type = head[1];
-        if gso_type != 0 {
-            port_drop(
-                port,
-                &port.stats.drop_malformed,
-                "GSO frame, but no GSO was offered",
-            );
-            return;
-        }
-        let frame_len = total - NET_HDR_LEN;
-        let hdr = match frame::parse(&head[NET_HDR_LEN..peek_len], frame_len) {
-            Ok(h) => h,
-            Err(e) => {
-                port_drop(port, &port.stats.drop_malformed, &e.to_string());
-                return;
-            }
-        };
-        let limit = usize::from(port.spec.mtu)
-            + frame::ETH_HLEN
-            + if hdr.tag.is_some() {
-                frame::VLAN_HLEN
-            } else {
-                0
-            };
-        if frame_len > limit {
-            port_drop(port, &port.stats.drop_mtu, "frame larger than the MTU");
-            return;
-        }
-        // The frame's own bytes: the source ranges minus the virtio-net header.
-        let mut frame_ranges: Vec<HostRange> = Vec::with_capacity(ranges.len());
-        let mut skip = NET_HDR_LEN;
-        for r in ranges {
-            if skip >= r.len {
-                skip -= r.len;
+/// A port worker's transmit batch, kept from batch to batch so forwarding does not allocate.
+#[derive(Default)]
+struct TxScratch {
+    /// Every chain taken, for the used ring (malformed ones too).
+    heads: Vec<u16>,
+    /// Chains that passed the memory checks: their index in `heads`, their ranges in
+    /// `raw`, total bytes.
+    chains: Vec<(usize, usize, usize, usize)>,
+    raw: Vec<HostRange>,
+    segs: Vec<Seg>,
+    /// Well-formed frames, their bytes (after the virtio-net header) in `ranges`.
+    frames: Vec<Frame>,
+    ranges: Vec<HostRange>,
+    switch: Scratch,
+}
+
+// SAFETY: the host pointers in `raw` and `ranges` are only dereferenced during the
+// `process_tx` call that filled them, while it holds the memory view they point into.
+unsafe impl Send for TxScratch {}
+
+impl TxScratch {
+    /// Take up to a batch of the `posted` chains from avail position `next` on, and check
+    /// that their buffers are device-readable and lie in guest memory.
+    fn take(&mut self, ring: &Ring<'_>, next: u16, posted: u16, port: &Port) {
+        self.heads.clear();
+        self.chains.clear();
+        self.raw.clear();
+        for i in 0..posted.min(TX_BATCH as u16) {
+            let taken = self.heads.len();
+            let head = ring.head(next.wrapping_add(i));
+            self.heads.push(head);
+            self.segs.clear();
+            if let Err(e) = ring.chain(head, &mut self.segs) {
+                port_drop(
+                    port,
+                    &port.stats.drop_malformed,
+                    &format!("transmit chain: {e}"),
+                );
                 continue;
             }
-            frame_ranges.push(HostRange {
-                // SAFETY: skip < r.len, so the pointer stays inside the range.
-                ptr: unsafe { r.ptr.add(skip) },
-                len: r.len - skip,
-            });
-            skip = 0;
+            if self.segs.iter().any(|seg| seg.write) {
+                port_drop(
+                    port,
+                    &port.stats.drop_malformed,
+                    "device-writable descriptor in a transmit chain",
+                );
+                continue;
+            }
+            let start = self.raw.len();
+            self.raw.extend(self.segs.iter().map(|seg| seg.range));
+            let total = self.segs.iter().map(|seg| seg.range.len).sum();
+            if let Some(r) = self.raw.get(start) {
+                // The header and the frame's start: read by `classify` below.
+                copy::prefetch(r.ptr);
+                copy::prefetch(r.ptr.wrapping_add(64));
+            }
+            self.chains.push((taken, start, self.raw.len(), total));
         }
-        self.switch
-            .forward(self.port, &hdr, &frame_ranges, frame_len, pieces, touched);
+    }
+
+    /// Apply the port's TX rate limit to the chains taken. The first chain it refuses and
+    /// all after it go back to the ring. Returns true if it refused one.
+    fn police(&mut self, queue: &mut Queue, port: &Port) -> bool {
+        let mut qos = port.qos();
+        if qos.tx.is_unlimited() {
+            return false;
+        }
+        for (k, &(_, _, _, total)) in self.chains.iter().enumerate() {
+            let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
+            let Err(wait) = qos.tx.consume(frame_bytes, 1) else {
+                continue;
+            };
+            // Put this chain and the ones after it back (they were taken last, in ring
+            // order); they go out when the bucket has refilled. Wait for a batch worth of
+            // tokens (or a full bucket, if smaller) rather than one frame's: a timer wakeup
+            // per frame would cost more than the frame.
+            let taken = self.chains[k].0;
+            let back = self.heads.len() - taken;
+            queue.set_next_avail(queue.next_avail().wrapping_sub(back as u16));
+            self.heads.truncate(taken);
+            self.chains.truncate(k);
+            let batch = qos.tx.time_until(frame_bytes * TX_BATCH, TX_BATCH);
+            if let Err(e) = qos.timer.arm(wait.max(batch)) {
+                warn!(port = %port.spec.name, "cannot arm the rate-limit timer: {e}");
+            }
+            bump(&port.stats.tx_throttled, 1);
+            return true;
+        }
+        false
+    }
+
+    /// Check each chain's virtio-net header and frame, and collect the well-formed frames.
+    fn classify(&mut self, port: &Port) {
+        self.frames.clear();
+        self.ranges.clear();
+        for &(_, start, end, total) in &self.chains {
+            let raw = &self.raw[start..end];
+            if total < NET_HDR_LEN + frame::ETH_HLEN {
+                port_drop(
+                    port,
+                    &port.stats.drop_malformed,
+                    "frame shorter than its headers",
+                );
+                continue;
+            }
+            // Peek at the virtio-net header and the start of the frame (not a copy of the
+            // frame).
+            let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
+            let peek_len = gather(raw, &mut head);
+            let gso_type = head[1];
+            if gso_type != 0 {
+                port_drop(
+                    port,
+                    &port.stats.drop_malformed,
+                    "GSO frame, but no GSO was offered",
+                );
+                continue;
+            }
+            let frame_len = total - NET_HDR_LEN;
+            let hdr = match frame::parse(&head[NET_HDR_LEN..peek_len], frame_len) {
+                Ok(h) => h,
+                Err(e) => {
+                    port_drop(port, &port.stats.drop_malformed, &e.to_string());
+                    continue;
+                }
+            };
+            let limit = usize::from(port.spec.mtu)
+                + frame::ETH_HLEN
+                + if hdr.tag.is_some() {
+                    frame::VLAN_HLEN
+                } else {
+                    0
+                };
+            if frame_len > limit {
+                port_drop(port, &port.stats.drop_mtu, "frame larger than the MTU");
+                continue;
+            }
+            // The frame's own bytes: the chain's ranges minus the virtio-net header.
+            let first = self.ranges.len();
+            let mut skip = NET_HDR_LEN;
+            for r in raw {
+                if skip >= r.len {
+                    skip -= r.len;
+                    continue;
+                }
+                self.ranges.push(HostRange {
+                    // SAFETY: skip < r.len, so the pointer stays inside the range.
+                    ptr: unsafe { r.ptr.add(skip) },
+                    len: r.len - skip,
+                });
+                skip = 0;
+            }
+            self.frames.push(Frame {
+                hdr,
+                start: first,
+                end: self.ranges.len(),
+                len: frame_len,
+            });
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The switch: its ports, the forwarding database, and the forwarding decision for each
 //! frame a guest sends.
 
+use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -14,8 +15,9 @@ use crate::config::VlanMode;
 use crate::copy::{self, HostRange, Piece};
 use crate::fdb::{Fdb, Learned};
 use crate::frame::{Header, Mac};
-use crate::net::{self, NET_HDR_LEN};
+use crate::net::NET_HDR_LEN;
 use crate::qos::PortQos;
+use crate::ring::{Ring, Seg};
 use crate::service::ServicePort;
 use crate::stats::{bump, should_log, PortStats};
 use crate::vlan::Egress;
@@ -40,16 +42,65 @@ pub struct RxSide {
     pub vring: Option<VringRwLock>,
     mem: Option<GuestMemoryAtomic<Mem>>,
     mergeable: bool,
-    /// Frames were delivered since the guest was last notified.
-    unsignalled: bool,
-    dest: Vec<HostRange>,
-    written: Vec<usize>,
-    chains: Vec<(u16, usize)>,
 }
 
-// SAFETY: `dest` holds host pointers only during one `deliver` call, which fills it under
-// the lock while it holds the memory view they point into, and empties it before returning.
-unsafe impl Send for RxSide {}
+/// A frame taken from a transmit ring: its bytes (after the virtio-net header) are
+/// `ranges[start..end]` of its batch's range list, `len` in all.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    pub hdr: Header,
+    pub start: usize,
+    pub end: usize,
+    pub len: usize,
+}
+
+/// A frame on its way to one destination port.
+#[derive(Clone, Copy, Debug)]
+struct Out {
+    start: usize,
+    end: usize,
+    len: usize,
+    vlan: u16,
+    tagged: bool,
+}
+
+/// Where one frame goes in a destination's receive ring: index ranges into `Scratch`.
+struct Plan {
+    pieces: Range<usize>,
+    dest: Range<usize>,
+    chains: Range<usize>,
+    total: usize,
+}
+
+/// A port worker's buffers, kept from batch to batch so forwarding does not allocate.
+#[derive(Default)]
+pub struct Scratch {
+    /// Frames for each destination port, and the ports that have some, in order.
+    outbox: Vec<Vec<Out>>,
+    dests: Vec<usize>,
+    service: Vec<Out>,
+    accepted: Vec<Out>,
+    plans: Vec<Plan>,
+    pieces: Vec<Piece>,
+    dest: Vec<HostRange>,
+    segs: Vec<Seg>,
+    chains: Vec<(u16, usize)>,
+    written: Vec<usize>,
+}
+
+// SAFETY: the host pointers in `pieces` and `dest` are only dereferenced during the
+// `deliver` call that filled them, while it holds the memory views they point into; a
+// scratch moved to another thread carries no live borrow.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    fn post(&mut self, port: usize, out: Out) {
+        if self.outbox[port].is_empty() {
+            self.dests.push(port);
+        }
+        self.outbox[port].push(out);
+    }
+}
 
 pub struct Port {
     pub spec: PortSpec,
@@ -75,8 +126,13 @@ impl Port {
     }
 
     fn count_drop(&self, counter: &AtomicU64, what: &str) {
-        let n = bump(counter, 1);
-        if should_log(n) {
+        self.count_drops(counter, 1, what);
+    }
+
+    fn count_drops(&self, counter: &AtomicU64, frames: u64, what: &str) {
+        let n = bump(counter, frames);
+        // Log when the count passes a logging point (see `should_log`); batches are small.
+        if (n + 1 - frames..=n).any(should_log) {
             warn!(port = %self.spec.name, count = n, "dropped a frame: {what}");
         }
     }
@@ -162,103 +218,139 @@ impl Switch {
         rx.mergeable = mergeable;
     }
 
-    /// Forward one frame from port `src` with header `hdr`, whose bytes (after the
-    /// virtio-net header) are `frame`. Returns the ports it was delivered to in `touched`.
-    pub fn forward(
+    /// Forward a batch of frames that port `src`'s guest sent. Each frame's bytes (after
+    /// the virtio-net header) are `ranges[frame.start..frame.end]`, in the sender's memory,
+    /// which the caller holds.
+    pub fn forward_batch(
         &self,
         src: usize,
-        hdr: &Header,
-        frame: &[HostRange],
-        frame_len: usize,
-        scratch: &mut Vec<Piece>,
-        touched: &mut Vec<usize>,
+        frames: &[Frame],
+        ranges: &[HostRange],
+        s: &mut Scratch,
     ) {
         let sp = &self.ports[src];
-        if sp.spec.anti_spoof && Some(hdr.src) != sp.spec.mac {
-            sp.count_drop(&sp.stats.drop_spoof, "source MAC is not the port's");
-            return;
+        if s.outbox.len() < self.ports.len() {
+            s.outbox.resize_with(self.ports.len(), Vec::new);
         }
-        let vlan = match sp.spec.vlan.ingress(hdr.tag) {
-            Ok(v) => v,
-            Err(e) => {
-                sp.count_drop(&sp.stats.drop_vlan, &e.to_string());
-                return;
-            }
-        };
+        s.service.clear();
+        // One clock read and one FDB lock for the whole batch.
         let now = Instant::now();
-        let dest = {
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        {
             let mut fdb = self.fdb();
-            if !hdr.src.is_multicast() && !hdr.src.is_zero() {
-                match fdb.learn(vlan, hdr.src, src, now) {
-                    Learned::TableFull => {
-                        bump(&sp.stats.fdb_full, 1);
-                    }
-                    Learned::PortLimit => {
-                        sp.count_drop(&sp.stats.drop_mac_limit, "the port's MAC limit is reached");
-                        return;
-                    }
-                    Learned::Moved { from } => {
-                        debug!(mac = %hdr.src, vlan, from = %self.ports[from].spec.name, to = %sp.spec.name, "MAC moved")
-                    }
-                    Learned::New | Learned::Refreshed => {}
+            let mut qos = None;
+            for f in frames {
+                let hdr = &f.hdr;
+                if sp.spec.anti_spoof && Some(hdr.src) != sp.spec.mac {
+                    sp.count_drop(&sp.stats.drop_spoof, "source MAC is not the port's");
+                    continue;
                 }
-            }
-            if hdr.dst.is_multicast() {
-                None
-            } else {
-                fdb.lookup(vlan, hdr.dst, now)
-            }
-        };
-        let to_service = hdr.dst == ServicePort::mac_for(vlan);
-        if dest.is_none() && !to_service && sp.qos().storm.consume(0, 1).is_err() {
-            sp.count_drop(&sp.stats.drop_storm, "storm control");
-            return;
-        }
-        bump(&sp.stats.rx_packets, 1);
-        bump(&sp.stats.rx_bytes, frame_len as u64);
-        let tagged = hdr.tag.is_some();
-        if to_service {
-            self.to_service(vlan, tagged, frame, scratch, touched);
-            return;
-        }
-        match dest {
-            Some(d) if d == src => {}
-            Some(d) => self.deliver(d, vlan, tagged, frame, scratch, touched),
-            None => {
-                for d in 0..self.ports.len() {
-                    if d != src && self.ports[d].spec.vlan.carries(vlan) {
-                        self.deliver(d, vlan, tagged, frame, scratch, touched);
+                let vlan = match sp.spec.vlan.ingress(hdr.tag) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        sp.count_drop(&sp.stats.drop_vlan, &e.to_string());
+                        continue;
+                    }
+                };
+                if !hdr.src.is_multicast() && !hdr.src.is_zero() {
+                    match fdb.learn(vlan, hdr.src, src, now) {
+                        Learned::Refreshed | Learned::New => {}
+                        Learned::TableFull => {
+                            bump(&sp.stats.fdb_full, 1);
+                        }
+                        Learned::PortLimit => {
+                            sp.count_drop(
+                                &sp.stats.drop_mac_limit,
+                                "the port's MAC limit is reached",
+                            );
+                            continue;
+                        }
+                        Learned::Moved { from } => {
+                            debug!(mac = %hdr.src, vlan, from = %self.ports[from].spec.name, to = %sp.spec.name, "MAC moved")
+                        }
                     }
                 }
-                if hdr.dst.is_multicast() {
-                    self.to_service(vlan, tagged, frame, scratch, touched);
+                let dest = if hdr.dst.is_multicast() {
+                    None
+                } else {
+                    fdb.lookup(vlan, hdr.dst, now)
+                };
+                let to_service = hdr.dst == ServicePort::mac_for(vlan);
+                if dest.is_none() && !to_service {
+                    let q = qos.get_or_insert_with(|| sp.qos());
+                    if q.storm.consume(0, 1).is_err() {
+                        sp.count_drop(&sp.stats.drop_storm, "storm control");
+                        continue;
+                    }
+                }
+                packets += 1;
+                bytes += f.len as u64;
+                let out = Out {
+                    start: f.start,
+                    end: f.end,
+                    len: f.len,
+                    vlan,
+                    tagged: hdr.tag.is_some(),
+                };
+                if to_service {
+                    s.service.push(out);
+                    continue;
+                }
+                match dest {
+                    Some(d) if d == src => {}
+                    Some(d) => s.post(d, out),
+                    None => {
+                        for d in 0..self.ports.len() {
+                            if d != src && self.ports[d].spec.vlan.carries(vlan) {
+                                s.post(d, out);
+                            }
+                        }
+                        if hdr.dst.is_multicast() {
+                            s.service.push(out);
+                        }
+                    }
                 }
             }
         }
+        bump(&sp.stats.rx_packets, packets);
+        bump(&sp.stats.rx_bytes, bytes);
+        // Each destination's frames in one go: one ring lock and one avail index read.
+        for k in 0..s.dests.len() {
+            let d = s.dests[k];
+            let items = std::mem::take(&mut s.outbox[d]);
+            self.deliver(d, &items, ranges, s);
+            let mut items = items;
+            items.clear();
+            s.outbox[d] = items;
+        }
+        s.dests.clear();
+        let service = std::mem::take(&mut s.service);
+        for o in &service {
+            self.to_service(o, ranges, s);
+        }
+        s.service = service;
     }
 
     /// Give a frame to the VLAN's service endpoint, if it has one, and send its answers.
     /// This is the slow path (ARP and ping), so the frame is copied into a buffer.
-    fn to_service(
-        &self,
-        vlan: u16,
-        tagged: bool,
-        frame: &[HostRange],
-        scratch: &mut Vec<Piece>,
-        touched: &mut Vec<usize>,
-    ) {
-        let Some(service) = self.services.iter().find(|s| s.0 == vlan) else {
+    fn to_service(&self, o: &Out, ranges: &[HostRange], s: &mut Scratch) {
+        let Some(service) = self.services.iter().find(|sv| sv.0 == o.vlan) else {
             return;
         };
-        let egress = if tagged { Egress::Strip } else { Egress::AsIs };
+        let egress = if o.tagged {
+            Egress::Strip
+        } else {
+            Egress::AsIs
+        };
+        let mut pieces = Vec::new();
         let total = copy::plan(
-            frame,
+            &ranges[o.start..o.end],
             egress,
             Piece::Inline {
                 bytes: [0; 12],
                 len: 0,
             },
-            scratch,
+            &mut pieces,
         );
         let mut buf = vec![0u8; total];
         let dest = [HostRange {
@@ -268,24 +360,18 @@ impl Switch {
         let mut written = Vec::new();
         // SAFETY: the source ranges are the sender's validated guest memory, held by the
         // caller; the destination is `buf`, alive for the call.
-        unsafe { copy::copy(scratch, &dest, &mut written) };
+        unsafe { copy::copy(&pieces, &dest, &mut written) };
         let replies = match service.1.lock() {
-            Ok(mut s) => s.input(buf),
+            Ok(mut sv) => sv.input(buf),
             Err(p) => p.into_inner().input(buf),
         };
         for mut reply in replies {
-            self.inject(vlan, &mut reply, scratch, touched);
+            self.inject(o.vlan, &mut reply, s);
         }
     }
 
     /// Send a frame the switch itself made (untagged) on `vlan`.
-    fn inject(
-        &self,
-        vlan: u16,
-        frame: &mut [u8],
-        scratch: &mut Vec<Piece>,
-        touched: &mut Vec<usize>,
-    ) {
+    fn inject(&self, vlan: u16, frame: &mut [u8], s: &mut Scratch) {
         let Ok(hdr) = crate::frame::parse(frame, frame.len()) else {
             return;
         };
@@ -293,40 +379,49 @@ impl Switch {
             ptr: frame.as_mut_ptr(),
             len: frame.len(),
         }];
+        let out = [Out {
+            start: 0,
+            end: 1,
+            len: frame.len(),
+            vlan,
+            tagged: false,
+        }];
         let known = if hdr.dst.is_multicast() {
             None
         } else {
             self.fdb().lookup(vlan, hdr.dst, Instant::now())
         };
         match known {
-            Some(d) => self.deliver(d, vlan, false, &range, scratch, touched),
+            Some(d) => self.deliver(d, &out, &range, s),
             None => {
                 for d in 0..self.ports.len() {
                     if self.ports[d].spec.vlan.carries(vlan) {
-                        self.deliver(d, vlan, false, &range, scratch, touched);
+                        self.deliver(d, &out, &range, s);
                     }
                 }
             }
         }
     }
 
-    fn deliver(
-        &self,
-        dst: usize,
-        vlan: u16,
-        tagged: bool,
-        frame: &[HostRange],
-        pieces: &mut Vec<Piece>,
-        touched: &mut Vec<usize>,
-    ) {
+    /// Copy `items` (frames in `ranges`) into port `dst`'s receive ring, in order. A frame
+    /// that finds no room is dropped for this port only, with a counter.
+    fn deliver(&self, dst: usize, items: &[Out], ranges: &[HostRange], s: &mut Scratch) {
         let p = &self.ports[dst];
-        if !p.spec.vlan.carries(vlan) {
-            return;
+        s.accepted.clear();
+        {
+            let mut qos = p.qos();
+            for o in items {
+                if !p.spec.vlan.carries(o.vlan) {
+                    continue;
+                }
+                if qos.rx.consume(o.len as u64, 1).is_err() {
+                    p.count_drop(&p.stats.drop_qos, "receive rate limit");
+                    continue;
+                }
+                s.accepted.push(*o);
+            }
         }
-        let egress = p.spec.vlan.egress(vlan, tagged);
-        let out_len: usize = frame.iter().map(|r| r.len).sum();
-        if p.qos().rx.consume(out_len as u64, 1).is_err() {
-            p.count_drop(&p.stats.drop_qos, "receive rate limit");
+        if s.accepted.is_empty() {
             return;
         }
         let mut rx = p.rx();
@@ -334,117 +429,143 @@ impl Switch {
             vring,
             mem,
             mergeable,
-            unsignalled,
-            dest,
-            written,
-            chains,
         } = &mut *rx;
         let (Some(vring), Some(mem)) = (vring.as_ref(), mem.as_ref()) else {
             // No guest (yet) on that port.
-            bump(&p.stats.drop_no_rx_buffer, 1);
+            bump(&p.stats.drop_no_rx_buffer, s.accepted.len() as u64);
             return;
         };
-        let mut hdr = [0u8; 12];
-        let total = copy::plan(
-            frame,
-            egress,
-            Piece::Inline {
+        let mut state = vring.get_mut();
+        let event_idx = state.get_queue().event_idx_enabled();
+        let queue = state.get_queue_mut();
+        let view = mem.memory();
+        let (ring, posted) = match Ring::new(queue, &view)
+            .and_then(|ring| ring.posted(queue.next_avail()).map(|n| (ring, n)))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                p.count_drops(
+                    &p.stats.drop_no_rx_buffer,
+                    s.accepted.len() as u64,
+                    &format!("unusable receive ring: {e}"),
+                );
+                return;
+            }
+        };
+        if !std::ptr::eq(&*view, &*mem.memory()) {
+            // The guest's memory table changed while the index was read: the buffers it
+            // names may lie in regions `view` does not have.
+            p.count_drops(
+                &p.stats.drop_no_rx_buffer,
+                s.accepted.len() as u64,
+                "guest memory changing",
+            );
+            return;
+        }
+        let next = queue.next_avail();
+        // First take buffers for every frame, then copy: the buffers' cache lines load
+        // while the next frame's buffers are looked up.
+        s.plans.clear();
+        s.pieces.clear();
+        s.dest.clear();
+        s.chains.clear();
+        let mut taken = 0u16;
+        let mut no_room = 0;
+        for (k, o) in s.accepted.iter().enumerate() {
+            let pieces = s.pieces.len();
+            let total = copy::plan(
+                &ranges[o.start..o.end],
+                p.spec.vlan.egress(o.vlan, o.tagged),
+                Piece::Inline {
+                    bytes: [0; 12],
+                    len: NET_HDR_LEN,
+                },
+                &mut s.pieces,
+            );
+            let (dest, chains, before) = (s.dest.len(), s.chains.len(), taken);
+            let mut capacity = 0usize;
+            while capacity < total && taken < posted {
+                if !*mergeable && s.chains.len() > chains {
+                    break;
+                }
+                let head = ring.head(next.wrapping_add(taken));
+                taken += 1;
+                let first = s.dest.len();
+                s.segs.clear();
+                if let Err(e) = ring.chain(head, &mut s.segs) {
+                    p.count_drop(&p.stats.drop_malformed, &format!("receive chain: {e}"));
+                }
+                for seg in s.segs.iter().filter(|seg| seg.write) {
+                    capacity += seg.range.len;
+                    s.dest.push(seg.range);
+                }
+                s.chains.push((head, s.dest.len() - first));
+            }
+            if capacity < total {
+                // Give this frame's buffers back; the ones after it find no room either.
+                taken = before;
+                s.pieces.truncate(pieces);
+                s.dest.truncate(dest);
+                s.chains.truncate(chains);
+                no_room = s.accepted.len() - k;
+                break;
+            }
+            // num_buffers: how many chains the frame spans.
+            let mut hdr = [0u8; 12];
+            let n = (s.chains.len() - chains) as u16;
+            hdr[10..12].copy_from_slice(&n.to_le_bytes());
+            s.pieces[pieces] = Piece::Inline {
                 bytes: hdr,
                 len: NET_HDR_LEN,
-            },
-            pieces,
-        );
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        let saved = queue.next_avail();
-        // Read the avail index before loading the memory view, so that the view holds the
-        // regions of every buffer the guest has posted (it adds a region before using it).
-        if queue
-            .avail_idx(&*mem.memory(), std::sync::atomic::Ordering::Acquire)
-            .is_err()
-        {
-            p.count_drop(&p.stats.drop_no_rx_buffer, "unreadable receive ring");
-            return;
-        }
-        let view = mem.memory();
-        dest.clear();
-        chains.clear();
-        let mut capacity = 0usize;
-        while capacity < total {
-            if !*mergeable && !chains.is_empty() {
-                break;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(&*view) else {
-                break;
             };
-            let head = chain.head_index();
-            let first = dest.len();
-            for d in chain {
-                if !d.is_write_only() {
-                    continue;
+            if let Some(r) = s.dest.get(dest) {
+                copy::prefetch(r.ptr);
+            }
+            s.plans.push(Plan {
+                pieces: pieces..s.pieces.len(),
+                dest: dest..s.dest.len(),
+                chains: chains..s.chains.len(),
+                total,
+            });
+        }
+        queue.set_next_avail(next.wrapping_add(taken));
+        let old = queue.next_used();
+        let mut used = old;
+        let mut bytes = 0u64;
+        for plan in &s.plans {
+            let dest = &s.dest[plan.dest.clone()];
+            // SAFETY: the source ranges were validated against the sender's memory, which
+            // its caller holds; the destination ranges against `view`, held here.
+            unsafe { copy::copy(&s.pieces[plan.pieces.clone()], dest, &mut s.written) };
+            let mut k = 0usize;
+            for &(head, nseg) in &s.chains[plan.chains.clone()] {
+                let len: usize = s.written[k..k + nseg].iter().sum();
+                k += nseg;
+                if head < queue.size() {
+                    ring.put_used(used, head, len as u32);
+                    used = used.wrapping_add(1);
                 }
-                match net::host_range(&*view, d.addr(), d.len() as usize) {
-                    Some(r) => {
-                        capacity += r.len;
-                        dest.push(r);
-                    }
-                    None => {
-                        p.count_drop(
-                            &p.stats.drop_malformed,
-                            "receive buffer outside guest memory",
-                        );
-                    }
-                }
             }
-            chains.push((head, dest.len() - first));
+            bytes += (plan.total - NET_HDR_LEN) as u64;
         }
-        if capacity < total {
-            dest.clear();
-            queue.set_next_avail(saved);
-            p.count_drop(&p.stats.drop_no_rx_buffer, "no receive buffer");
-            return;
-        }
-        // num_buffers: how many chains the frame spans.
-        let n = chains.len() as u16;
-        hdr[10..12].copy_from_slice(&n.to_le_bytes());
-        pieces[0] = Piece::Inline {
-            bytes: hdr,
-            len: NET_HDR_LEN,
-        };
-        // SAFETY: the source ranges were validated against the sender's memory, which its
-        // caller holds; the destination ranges against `view`, held here.
-        unsafe { copy::copy(pieces, dest, written) };
-        let mut k = 0usize;
-        for &(head, nseg) in chains.iter() {
-            let len: usize = written[k..k + nseg].iter().sum();
-            k += nseg;
-            if let Err(e) = queue.add_used(&*view, head, len as u32) {
-                warn!(port = %p.spec.name, "cannot add used entry: {e}");
-            }
-        }
-        dest.clear();
-        bump(&p.stats.tx_packets, 1);
-        bump(&p.stats.tx_bytes, (total - NET_HDR_LEN) as u64);
-        *unsignalled = true;
-        if !touched.contains(&dst) {
-            touched.push(dst);
-        }
-    }
-
-    /// Notify the guests of `ports` about frames delivered to them.
-    pub fn signal(&self, ports: &[usize]) {
-        for &d in ports {
-            let p = &self.ports[d];
-            let mut rx = p.rx();
-            if !rx.unsignalled {
-                continue;
-            }
-            rx.unsignalled = false;
-            if let Some(vring) = rx.vring.as_ref() {
-                if let Err(e) = common::vring::notify_guest(&mut vring.get_mut()) {
-                    warn!(port = %p.spec.name, "{e}");
+        s.dest.clear();
+        if used != old {
+            ring.publish(used);
+            queue.set_next_used(used);
+            if ring.wants_interrupt(event_idx, old, used) {
+                if let Err(e) = state.signal_used_queue() {
+                    warn!(port = %p.spec.name, "cannot notify the guest: {e}");
                 }
             }
         }
+        if no_room > 0 {
+            p.count_drops(
+                &p.stats.drop_no_rx_buffer,
+                no_room as u64,
+                "no receive buffer",
+            );
+        }
+        bump(&p.stats.tx_packets, s.plans.len() as u64);
+        bump(&p.stats.tx_bytes, bytes);
     }
 }
