@@ -2,6 +2,7 @@
 //! socket in a temp dir, and the "missing tool" policy (skip on a laptop, fail in CI).
 
 pub mod blk;
+pub mod crash;
 pub mod guest;
 pub mod testpmd;
 

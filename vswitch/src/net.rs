@@ -192,7 +192,9 @@ impl TxScratch {
         self.heads.clear();
         self.chains.clear();
         self.raw.clear();
-        for i in 0..posted.min(TX_BATCH as u16) {
+        let n = posted.min(TX_BATCH as u16);
+        ring.prefetch_chains(next, n);
+        for i in 0..n {
             let taken = self.heads.len();
             let head = ring.head(next.wrapping_add(i));
             self.heads.push(head);

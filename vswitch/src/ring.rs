@@ -127,6 +127,19 @@ impl<'m> Ring<'m> {
         u16::from_le(self.avail_u16(4 + 2 * slot).load(Ordering::Relaxed))
     }
 
+    /// Start loading the descriptors of the chains at avail positions `from..from + n`, so
+    /// that walking them does not wait for each one in turn.
+    pub fn prefetch_chains(&self, from: u16, n: u16) {
+        for i in 0..n {
+            let head = self.head(from.wrapping_add(i));
+            if head < self.size {
+                // wrapping_add: a prefetch address needs no provenance, and head < size
+                // keeps it inside the table anyway.
+                crate::copy::prefetch(self.desc.wrapping_add(usize::from(head) * DESC_SIZE));
+            }
+        }
+    }
+
     /// Append the buffers of the chain starting at `head` to `out`.
     pub fn chain(&self, head: u16, out: &mut Vec<Seg>) -> Result<(), RingError> {
         let mut table = self.desc;

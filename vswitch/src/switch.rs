@@ -463,6 +463,7 @@ impl Switch {
             return;
         }
         let next = queue.next_avail();
+        ring.prefetch_chains(next, posted.min(s.accepted.len() as u16));
         // First take buffers for every frame, then copy: the buffers' cache lines load
         // while the next frame's buffers are looked up.
         s.plans.clear();

@@ -1,0 +1,147 @@
+//! Crash campaign: a libblkio client writes, zeroes and flushes while the daemon is killed
+//! with SIGKILL at random moments. After each restart every block must hold what a
+//! completed flush made durable, or something written after that flush, whole; see
+//! `e2e::crash` for the rules.
+//!
+//! `CRASH_CYCLES` sets the number of kill cycles (default 50; scripts/crash-soak.sh runs
+//! many more), `CRASH_SEED` replays a run (the seed is printed).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use e2e::blk::{Blk, Options};
+use e2e::crash::{content, Model, Rng};
+use e2e::Daemon;
+
+const BLOCK: usize = 4096;
+const DISK: u64 = 256 << 20;
+/// Blocks the campaign writes to, spread over the disk so that a thin image allocates.
+const SLOTS: u64 = 1024;
+/// Operations between flushes, at most.
+const FLUSH_EVERY: u64 = 16;
+
+fn cycles() -> usize {
+    std::env::var("CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+fn seed() -> u64 {
+    std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}
+
+/// Read back every block the model tracks and check it; the panic names the cycle.
+fn verify_all(blk: &mut Blk, model: &mut Model, cycle: usize, seed: u64) {
+    let mut errors = Vec::new();
+    for offset in model.offsets() {
+        let data = blk
+            .read(offset, BLOCK)
+            .unwrap_or_else(|e| panic!("cycle {cycle}: read {offset:#x}: {e}"));
+        if let Err(e) = model.verify(offset, &data) {
+            errors.push(e);
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "cycle {cycle} (CRASH_SEED={seed}): {} bad blocks, first: {:#?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+}
+
+/// Write until the daemon dies under us; returns how many operations completed.
+fn write_until_killed(blk: &mut Blk, model: &mut Model, rng: &mut Rng, slots: &[u64]) -> u64 {
+    let mut done = 0u64;
+    let mut since_flush = 0u64;
+    loop {
+        let offset = slots[rng.below(slots.len() as u64) as usize];
+        let ok = match rng.below(10) {
+            0 => {
+                model.zero(offset);
+                blk.write_zeroes(offset, BLOCK as u64, true).is_ok()
+            }
+            _ => {
+                let generation = model.write(offset);
+                blk.write(offset, &content(offset, generation, BLOCK))
+                    .is_ok()
+            }
+        };
+        if !ok {
+            return done;
+        }
+        done += 1;
+        since_flush += 1;
+        if since_flush > rng.below(FLUSH_EVERY) {
+            if blk.flush().is_err() {
+                return done;
+            }
+            model.flushed();
+            since_flush = 0;
+        }
+    }
+}
+
+fn campaign(image: &Path, socket: &Path, extra: &[&str]) {
+    let seed = seed();
+    let cycles = cycles();
+    eprintln!("crash campaign: {cycles} cycles, CRASH_SEED={seed}");
+    let mut rng = Rng::new(seed);
+    let slots: Vec<u64> = (0..SLOTS)
+        .map(|_| rng.below(DISK / BLOCK as u64) * BLOCK as u64)
+        .collect();
+    let opts = Options {
+        // A dead daemon shows up as a timeout; keep it short so cycles stay quick.
+        io_timeout: Duration::from_millis(500),
+        ..Options::default()
+    };
+    let mut model = Model::new();
+    let (mut ops, started) = (0u64, Instant::now());
+    for cycle in 0..cycles {
+        let daemon = Daemon::vdisk(image, socket, extra);
+        let mut blk = Blk::connect(socket, &opts)
+            .unwrap_or_else(|e| panic!("cycle {cycle}: connect after restart: {e}"));
+        verify_all(&mut blk, &mut model, cycle, seed);
+        let pid = daemon.child.id() as libc::pid_t;
+        let delay = Duration::from_millis(10 + rng.below(250));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // SAFETY: kill() on our own child's pid with a valid signal; no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        ops += write_until_killed(&mut blk, &mut model, &mut rng, &slots);
+        killer.join().expect("killer thread");
+        drop(blk);
+        drop(daemon);
+    }
+    // The last kill's aftermath, checked like every other.
+    let _daemon = Daemon::vdisk(image, socket, extra);
+    let mut blk = Blk::connect(socket, &opts).expect("connect after the last kill");
+    verify_all(&mut blk, &mut model, cycles, seed);
+    eprintln!(
+        "crash campaign: {cycles} kills, {ops} operations completed, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        ops > cycles as u64,
+        "the client hardly wrote anything: {ops} operations"
+    );
+}
+
+#[test]
+fn raw_image_survives_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(DISK))
+        .expect("create image");
+    campaign(&image, &dir.path().join("vdisk.sock"), &[]);
+}
