@@ -1,7 +1,9 @@
 //! The daemon core shared by `vdisk` and `vswitch`: logging, claiming the listening
-//! socket, the accept/serve/reaccept loop around `vhost-user-backend`, and orderly
-//! shutdown on SIGINT/SIGTERM, and the token-bucket rate limiter.
+//! socket, the accept/serve/reaccept loop around `vhost-user-backend`, orderly shutdown on
+//! SIGINT/SIGTERM, the control socket, counters, and the token-bucket rate limiter.
 
+pub mod control;
+pub mod counters;
 pub mod logging;
 pub mod memory;
 pub mod ratelimit;

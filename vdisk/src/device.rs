@@ -167,8 +167,8 @@ impl Device {
             tracing::info!(writeback = wb, "guest changed the cache mode");
             return;
         }
-        let n = crate::stats::Stats::add(&self.stats.err_config_write, 1);
-        if crate::stats::should_log(n) {
+        let n = common::counters::bump(&self.stats.err_config_write, 1);
+        if common::counters::should_log(n) {
             tracing::warn!(
                 offset,
                 len = buf.len(),

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use crate::device::Device;
 use crate::engine::{Completion, Engine, Op};
 use crate::request::{self, Kind, Range, Rejected, Request, Scratch, ID_BYTES};
-use crate::stats::{should_log, Stats};
+use common::counters::{bump, should_log};
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -314,7 +314,7 @@ impl QueueWorker {
     }
 
     fn reject(&mut self, r: Rejected, mem: &Mem, dev: &Device) {
-        let n = Stats::add(r.error.counter(&dev.stats), 1);
+        let n = bump(r.error.counter(&dev.stats), 1);
         if should_log(n) {
             warn!(
                 queue = self.index,
@@ -341,26 +341,26 @@ impl QueueWorker {
         let s = &dev.stats;
         match &req.kind {
             Kind::Read { len, .. } => {
-                Stats::add(&s.reads, 1);
-                Stats::add(&s.bytes_read, *len);
+                bump(&s.reads, 1);
+                bump(&s.bytes_read, *len);
             }
             Kind::Write { len, .. } => {
-                Stats::add(&s.writes, 1);
-                Stats::add(&s.bytes_written, *len);
+                bump(&s.writes, 1);
+                bump(&s.bytes_written, *len);
             }
             Kind::Flush => {
-                Stats::add(&s.flushes, 1);
+                bump(&s.flushes, 1);
             }
             Kind::GetId => {
-                Stats::add(&s.get_ids, 1);
+                bump(&s.get_ids, 1);
                 self.complete_get_id(req, mem, dev);
                 return;
             }
             Kind::Discard(_) => {
-                Stats::add(&s.discards, 1);
+                bump(&s.discards, 1);
             }
             Kind::WriteZeroes { .. } => {
-                Stats::add(&s.write_zeroes, 1);
+                bump(&s.write_zeroes, 1);
             }
         }
         let Request {
@@ -542,7 +542,7 @@ impl QueueWorker {
         let status = match error {
             None => VIRTIO_BLK_S_OK,
             Some(errno) => {
-                let n = Stats::add(&dev.stats.err_io, 1);
+                let n = bump(&dev.stats.err_io, 1);
                 if should_log(n) {
                     warn!(
                         queue = self.index,

@@ -1,13 +1,9 @@
 //! The control socket: one JSON request per line, one JSON reply per line. `vswitch ctl`
 //! is its client.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tracing::warn;
 
 use crate::config::QosConfig;
 use crate::switch::Switch;
@@ -41,37 +37,7 @@ fn vlan_text(v: &crate::config::VlanMode) -> String {
 /// Serve the control socket forever (on its own thread).
 pub fn serve(switch: Arc<Switch>, qos: Vec<QosConfig>, sock: common::socket::ClaimedSocket) {
     let qos = std::sync::Mutex::new(qos);
-    loop {
-        match sock.listener.accept() {
-            Ok(Some(stream)) => {
-                if let Err(e) = session(&switch, &qos, stream) {
-                    warn!("control session: {e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!("control socket: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        }
-    }
-}
-
-fn session(
-    switch: &Switch,
-    qos: &std::sync::Mutex<Vec<QosConfig>>,
-    stream: UnixStream,
-) -> std::io::Result<()> {
-    let mut out = stream.try_clone()?;
-    for line in BufReader::new(stream).lines() {
-        let line = line?;
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(switch, qos, req),
-            Err(e) => json!({ "error": format!("bad request: {e}") }),
-        };
-        writeln!(out, "{reply}")?;
-    }
-    Ok(())
+    common::control::serve(&sock, |req| handle(&switch, &qos, req));
 }
 
 fn handle(switch: &Switch, qos: &std::sync::Mutex<Vec<QosConfig>>, req: Request) -> Value {
@@ -170,28 +136,6 @@ fn set_qos(
     }
     all[index] = q;
     json!({ "ok": true })
-}
-
-/// The client side: send `req` to the socket at `path` and return the reply.
-pub fn request(path: &Path, req: &Request) -> Result<Value, String> {
-    let stream = UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot connect to the control socket {}: {e}",
-            path.display()
-        )
-    })?;
-    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    writeln!(w, "{line}").map_err(|e| format!("cannot send to {}: {e}", path.display()))?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("no reply from {}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply: {e}"))?;
-    if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(err.to_string());
-    }
-    Ok(v)
 }
 
 /// Human-readable text for a reply to `req`.

@@ -89,7 +89,7 @@ fn ctl(
             Request::SetQos { port, settings: kv }
         }
     };
-    let reply = vswitch::ctl::request(&socket, &req)?;
+    let reply = common::control::request(&socket, &req)?;
     if json {
         println!("{reply}");
     } else {

@@ -24,8 +24,8 @@ use vmm_sys_util::event::{
 use crate::copy::{self, HostRange};
 use crate::frame::{self, PEEK_LEN};
 use crate::ring::{Ring, Seg};
-use crate::stats::bump;
 use crate::switch::{Frame, Mem, Port, Scratch, Switch};
+use common::counters::{bump, should_log};
 
 /// virtio_net_hdr_v1: 12 bytes whenever VERSION_1 is negotiated.
 pub const NET_HDR_LEN: usize = 12;
@@ -331,7 +331,7 @@ impl TxScratch {
 
 fn port_drop(port: &crate::switch::Port, counter: &AtomicU64, what: &str) {
     let n = bump(counter, 1);
-    if crate::stats::should_log(n) {
+    if should_log(n) {
         warn!(port = %port.spec.name, count = n, "dropped a frame: {what}");
     }
 }

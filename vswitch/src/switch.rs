@@ -19,8 +19,9 @@ use crate::net::NET_HDR_LEN;
 use crate::qos::PortQos;
 use crate::ring::{Ring, Seg};
 use crate::service::ServicePort;
-use crate::stats::{bump, should_log, PortStats};
+use crate::stats::PortStats;
 use crate::vlan::Egress;
+use common::counters::{bump, should_log};
 
 pub type Mem = GuestMemoryMmap<()>;
 
