@@ -498,11 +498,25 @@ impl<C: Clock + Clone> RateLimiter<C> {
     /// checking both buckets at one clock reading before charging either, so a refusal
     /// leaves both exactly as they were (one-time burst included).
     pub fn consume(&mut self, bytes: u64, ops: u64) -> Result<(), Duration> {
-        if self.bytes.is_none() && self.ops.is_none() {
+        if self.is_unlimited() {
             // The common case on a switch's fast path: no clock read.
             return Ok(());
         }
-        let now = self.clock.now_ns();
+        self.consume_at(bytes, ops, self.clock.now_ns())
+    }
+
+    /// A reading of this limiter's clock, for [`RateLimiter::consume_at`].
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// [`RateLimiter::consume`] at a clock reading taken before with
+    /// [`RateLimiter::now_ns`], so that a batch of frames pays for one clock read. A reading
+    /// older than one used before adds no tokens; it never takes any away.
+    pub fn consume_at(&mut self, bytes: u64, ops: u64, now: u64) -> Result<(), Duration> {
+        if self.is_unlimited() {
+            return Ok(());
+        }
         let wait = self.time_until_at(bytes, ops, now);
         if !wait.is_zero() {
             return Err(wait);
@@ -877,6 +891,24 @@ mod tests {
             assert_eq!(l.consume(u64::MAX, u64::MAX), Ok(()));
         }
         assert_eq!(l.time_until(u64::MAX, 1), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_batch_at_one_clock_reading() {
+        let clock = FakeClock::new();
+        let ops = TokenBucketConfig::per_second(10, 3).expect("ops");
+        let mut l = RateLimiter::with_clock(None, Some(ops), clock.clone());
+        let now = l.now_ns();
+        // Time passing after the reading is not counted for the batch.
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(l.consume_at(0, 1, now), Ok(()));
+        assert_eq!(l.consume_at(0, 2, now), Ok(()));
+        assert_eq!(l.consume_at(0, 1, now), Err(Duration::from_millis(100)));
+        // A later reading refills; an older one after it adds nothing and takes nothing.
+        let later = l.now_ns();
+        assert_eq!(l.consume_at(0, 3, later), Ok(()));
+        assert!(l.consume_at(0, 1, now).is_err());
+        assert_eq!(l.ops().map(TokenBucket::available), Some(0));
     }
 
     #[test]

@@ -234,9 +234,10 @@ impl TxScratch {
         if qos.tx.is_unlimited() {
             return false;
         }
+        let now = qos.tx.now_ns();
         for (k, &(_, _, _, total)) in self.chains.iter().enumerate() {
             let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
-            let Err(wait) = qos.tx.consume(frame_bytes, 1) else {
+            let Err(wait) = qos.tx.consume_at(frame_bytes, 1, now) else {
                 continue;
             };
             // Put this chain and the ones after it back (they were taken last, in ring

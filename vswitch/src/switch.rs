@@ -278,8 +278,12 @@ impl Switch {
                 };
                 let to_service = hdr.dst == ServicePort::mac_for(vlan);
                 if dest.is_none() && !to_service {
-                    let q = qos.get_or_insert_with(|| sp.qos());
-                    if q.storm.consume(0, 1).is_err() {
+                    let (q, now) = qos.get_or_insert_with(|| {
+                        let q = sp.qos();
+                        let now = q.storm.now_ns();
+                        (q, now)
+                    });
+                    if q.storm.consume_at(0, 1, *now).is_err() {
                         sp.count_drop(&sp.stats.drop_storm, "storm control");
                         continue;
                     }
@@ -411,11 +415,14 @@ impl Switch {
         s.accepted.clear();
         {
             let mut qos = p.qos();
+            let now = (!qos.rx.is_unlimited()).then(|| qos.rx.now_ns());
             for o in items {
                 if !p.spec.vlan.carries(o.vlan) {
                     continue;
                 }
-                if qos.rx.consume(o.len as u64, 1).is_err() {
+                let policed =
+                    now.is_some_and(|now| qos.rx.consume_at(o.len as u64, 1, now).is_err());
+                if policed {
                     p.count_drop(&p.stats.drop_qos, "receive rate limit");
                     continue;
                 }
