@@ -418,17 +418,24 @@ echo "RESULT boot $BOOT"
 
 /// Wait until the console log at `path` ([`Guest::console_log`]) holds `needle` at least
 /// `count` times: for a test that acts on the host at a given point of a running guest.
-/// False on timeout.
-pub fn wait_console(path: &Path, needle: &str, count: usize, timeout: Duration) -> bool {
+/// False on timeout, or once `running` says the guest is gone (and the log lacks it).
+pub fn wait_console(
+    path: &Path,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+    running: impl Fn() -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
+        let gone = !running();
         let seen = fs::read(path)
             .map(|b| String::from_utf8_lossy(&b).matches(needle).count())
             .unwrap_or(0);
         if seen >= count {
             return true;
         }
-        if Instant::now() > deadline {
+        if gone || Instant::now() > deadline {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -319,9 +319,10 @@ fn guest_reboot_resumes_traffic_and_spares_the_other_port() {
     });
 
     // vm1 is down from its "rebooting" line until its init comes up a second time.
-    let rebooting = wait_console(&console1, "RESULT rebooting now", 1, timeout);
+    let running = || !vm1.is_finished();
+    let rebooting = wait_console(&console1, "RESULT rebooting now", 1, timeout, running);
     let before = Switch::stats(&config);
-    let rebooted = rebooting && wait_console(&console1, "GUEST-INIT: ready", 2, timeout);
+    let rebooted = rebooting && wait_console(&console1, "GUEST-INIT: ready", 2, timeout, running);
     let during = Switch::stats(&config);
     let (o1, o2) = (vm1.join().expect("vm1"), vm2.join().expect("vm2"));
     let after = Switch::stats(&config);
