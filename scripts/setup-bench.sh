@@ -6,10 +6,10 @@
 # there, the alternative is only set when it points elsewhere, hugepages are only raised.
 set -euo pipefail
 
-export DEBIAN_FRONTEND=noninteractive
-
-log() { echo "setup-bench: $*" >&2; }
-die() { echo "setup-bench: ERROR: $*" >&2; exit 1; }
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOG_NAME=setup-bench
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 OVS_DPDK=/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk
 HUGEPAGES_2M=1024
@@ -27,33 +27,7 @@ declare -A PROVIDES=(
     [fonts-dejavu-core]=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 )
 
-have() {
-    case "$1" in
-    /*) [ -e "$1" ] ;;
-    *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] ;;
-    esac
-}
-
-missing_packages() {
-    local pkg prog
-    for pkg in "${PACKAGES[@]}"; do
-        for prog in ${PROVIDES[$pkg]}; do
-            if ! have "$prog"; then
-                echo "$pkg"
-                break
-            fi
-        done
-    done
-}
-
-SUDO=()
-if [ "$(id -u)" != 0 ]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        SUDO=(sudo -n env DEBIAN_FRONTEND=noninteractive)
-    else
-        NEED_ROOT=1
-    fi
-fi
+root_prefix || NEED_ROOT=1
 
 MISSING="$(missing_packages | tr '\n' ' ')"
 if [ -n "${MISSING// /}" ]; then
@@ -67,13 +41,8 @@ if [ -n "${MISSING// /}" ]; then
         "${SUDO[@]}" sh -c "printf '#!/bin/sh\nexit 101\n' > $POLICY && chmod 755 $POLICY"
         trap '"${SUDO[@]}" rm -f "$POLICY"' EXIT
     fi
-    APT_OPTS=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    log "apt-get update"
-    "${SUDO[@]}" apt-get update -q
-    log "apt-get install ${PACKAGES[*]}"
-    "${SUDO[@]}" apt-get install "${APT_OPTS[@]}" "${PACKAGES[@]}"
-    STILL="$(missing_packages | tr '\n' ' ')"
-    [ -z "${STILL// /}" ] || die "still missing after apt-get install: $STILL"
+    apt_install "${PACKAGES[@]}"
+    check_installed
 else
     log "all benchmark packages present (${PACKAGES[*]})"
 fi
@@ -92,27 +61,8 @@ fi
 # Hugepages: a generator (128 MiB) plus OVS (256 MiB) or the vhost PMD (128 MiB), with room
 # for the testpmd end-to-end tests. Only ever raised. The benchmark's DPDK processes use
 # --in-memory, which needs no hugetlbfs mount; mount one anyway for other DPDK users.
-NR=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
-if [ -r "$NR" ]; then
-    have_pages="$(cat "$NR")"
-    if [ "$have_pages" -lt "$HUGEPAGES_2M" ]; then
-        [ -z "${NEED_ROOT:-}" ] || die "reserving hugepages needs root"
-        log "reserving $HUGEPAGES_2M 2 MiB hugepages (had $have_pages)"
-        echo "$HUGEPAGES_2M" | "${SUDO[@]}" tee "$NR" >/dev/null
-        got="$(cat "$NR")"
-        [ "$got" -ge "$HUGEPAGES_2M" ] || log "warning: only $got hugepages could be reserved"
-    else
-        log "$have_pages 2 MiB hugepages reserved"
-    fi
-else
-    log "warning: $NR not found: no 2 MiB hugepages on this kernel"
-fi
-if ! mountpoint -q /dev/hugepages 2>/dev/null; then
-    if [ -z "${NEED_ROOT:-}" ]; then
-        "${SUDO[@]}" mkdir -p /dev/hugepages
-        "${SUDO[@]}" mount -t hugetlbfs nodev /dev/hugepages || log "warning: cannot mount /dev/hugepages"
-    fi
-fi
+# Without root this only warns; the benchmark's preflight then says what is missing.
+ensure_hugepages "$HUGEPAGES_2M"
 
 log "dpdk $(dpkg-query -W -f '${Version}' dpdk 2>/dev/null || echo '(version unknown)')"
 log "$("$OVS_DPDK" --version | head -n2 | tr '\n' ' ')"

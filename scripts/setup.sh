@@ -5,10 +5,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export DEBIAN_FRONTEND=noninteractive
-
-log() { echo "setup: $*" >&2; }
-die() { echo "setup: ERROR: $*" >&2; exit 1; }
+LOG_NAME=setup
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 # Packages, and a program each one must provide (used to decide whether apt is needed).
 #   qemu-system-x86  qemu-system-x86_64: boots the test guests (TCG) as the vhost-user frontend
@@ -43,52 +42,19 @@ PROVIDES[dpdk-dev]=dpdk-testpmd
 # PACKAGES+=(openvswitch-switch-dpdk)
 # PROVIDES[openvswitch-switch-dpdk]=ovs-vsctl
 
-have() {
-    case "$1" in
-    /*) [ -e "$1" ] ;;
-    *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] ;;
-    esac
-}
-
-missing_packages() {
-    local pkg prog
-    for pkg in "${PACKAGES[@]}"; do
-        for prog in ${PROVIDES[$pkg]}; do
-            if ! have "$prog"; then
-                echo "$pkg"
-                break
-            fi
-        done
-    done
-}
-
 MISSING="$(missing_packages | tr '\n' ' ')"
 if [ -n "${MISSING// /}" ]; then
     log "missing: $MISSING"
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-            SUDO=(sudo -n env DEBIAN_FRONTEND=noninteractive)
-        else
-            die "installing packages needs root: run 'sudo $0' (missing: $MISSING)"
-        fi
-    else
-        SUDO=()
-    fi
-    APT_OPTS=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    log "apt-get update"
-    "${SUDO[@]}" apt-get update -q
+    root_prefix || die "installing packages needs root: run 'sudo $0' (missing: $MISSING)"
+    apt_install "${PACKAGES[@]}"
     # qemu-system-x86 (QEMU 7.2) displaces a preinstalled newer qemu-utils (from backports),
     # taking qemu-img and qemu-storage-daemon with it: install qemu-utils again afterwards.
-    log "apt-get install ${PACKAGES[*]}"
-    "${SUDO[@]}" apt-get install "${APT_OPTS[@]}" "${PACKAGES[@]}"
-    log "apt-get install qemu-utils (again, see above)"
-    "${SUDO[@]}" apt-get install "${APT_OPTS[@]}" qemu-utils
+    apt_install qemu-utils
     if ! have qemu-img || ! have qemu-storage-daemon; then
         log "qemu-img/qemu-storage-daemon still missing: reinstalling qemu-utils"
-        "${SUDO[@]}" apt-get install "${APT_OPTS[@]}" --reinstall qemu-utils
+        apt_install --reinstall qemu-utils
     fi
-    STILL="$(missing_packages | tr '\n' ' ')"
-    [ -z "${STILL// /}" ] || die "still missing after apt-get install: $STILL"
+    check_installed
 else
     log "all system packages present (${PACKAGES[*]})"
 fi
@@ -99,43 +65,7 @@ fi
 # mount. The reservation does not survive a reboot: rerun this script (make test does).
 # Only ever raises the reservation; without root it warns, and the testpmd tests skip
 # (outside CI) or fail (in CI) with the same explanation.
-HUGEPAGES="${HUGEPAGES:-1024}"
-HP_SYS=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
-as_root() {
-    if [ "$(id -u)" = 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        sudo -n "$@"
-    else
-        return 1
-    fi
-}
-hugepages_ok() {
-    [ "$(cat "$HP_SYS" 2>/dev/null || echo 0)" -ge "$HUGEPAGES" ] && mountpoint -q /dev/hugepages
-}
-if [ ! -e "$HP_SYS" ]; then
-    log "WARNING: $HP_SYS missing: this kernel has no 2 MiB hugepages; testpmd tests cannot run"
-elif hugepages_ok; then
-    log "hugepages: $(cat "$HP_SYS") x 2 MiB reserved, hugetlbfs on /dev/hugepages"
-else
-    if [ "$(cat "$HP_SYS")" -lt "$HUGEPAGES" ]; then
-        log "reserving $HUGEPAGES 2 MiB hugepages (was $(cat "$HP_SYS"))"
-        as_root sh -c "echo $HUGEPAGES > $HP_SYS" ||
-            log "WARNING: cannot reserve hugepages (needs root: sudo $0)"
-    fi
-    if ! mountpoint -q /dev/hugepages; then
-        log "mounting hugetlbfs on /dev/hugepages"
-        { as_root mkdir -p /dev/hugepages && as_root mount -t hugetlbfs nodev /dev/hugepages; } ||
-            log "WARNING: cannot mount hugetlbfs on /dev/hugepages (needs root: sudo $0)"
-    fi
-    if hugepages_ok; then
-        log "hugepages: $(cat "$HP_SYS") x 2 MiB reserved, hugetlbfs on /dev/hugepages"
-    else
-        log "WARNING: hugepages: $(cat "$HP_SYS") of $HUGEPAGES reserved" \
-            "(the kernel may lack contiguous memory), /dev/hugepages" \
-            "$(mountpoint -q /dev/hugepages && echo mounted || echo 'not mounted')"
-    fi
-fi
+ensure_hugepages "${HUGEPAGES:-1024}"
 
 log "qemu: $(qemu-system-x86_64 --version | head -n1)"
 "$ROOT/scripts/build-guest.sh"

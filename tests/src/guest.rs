@@ -105,6 +105,7 @@ pub struct Guest {
     memory_mib: u32,
     timeout: Duration,
     allow_reboot: bool,
+    boot_counter: bool,
     console_log: Option<PathBuf>,
 }
 
@@ -120,6 +121,7 @@ impl Guest {
             memory_mib: DEFAULT_MEMORY_MIB,
             timeout: DEFAULT_TIMEOUT,
             allow_reboot: false,
+            boot_counter: false,
             console_log: None,
         }
     }
@@ -216,6 +218,16 @@ impl Guest {
         self
     }
 
+    /// Tell `/test.sh` which boot this is, in `$BOOT` (1, 2, ...), for a guest that reboots
+    /// ([`Guest::allow_reboot`]). An initramfs forgets everything on reset, so the count
+    /// lives in the first sector of a small disk on QEMU's own virtio-blk-pci (serial
+    /// `bootcount`, after the test's disks), which a prelude to the script reads, increments
+    /// and writes back. The prelude also prints `RESULT boot N`.
+    pub fn boot_counter(mut self) -> Guest {
+        self.boot_counter = true;
+        self
+    }
+
     /// Keep the serial console log at `path` (by default it lives in a temp dir).
     pub fn console_log(mut self, path: impl Into<PathBuf>) -> Guest {
         self.console_log = Some(path.into());
@@ -289,6 +301,17 @@ impl Guest {
         for dev in &self.devices {
             cmd.args(dev);
         }
+        if self.boot_counter {
+            let disk = dir.path().join("bootcount.img");
+            fs::File::create(&disk)
+                .and_then(|f| f.set_len(1 << 20))
+                .map_err(|e| GuestError::Setup(format!("{}: {e}", disk.display())))?;
+            let mut drive = OsString::from("format=raw,if=none,id=bootcount,file=");
+            drive.push(disk.as_os_str());
+            cmd.arg("-drive")
+                .arg(drive)
+                .args(["-device", "virtio-blk-pci,drive=bootcount,serial=bootcount"]);
+        }
         cmd.args(&self.extra_args);
         let stderr = fs::File::create(&stderr_path)
             .map_err(|e| GuestError::Setup(format!("{}: {e}", stderr_path.display())))?;
@@ -347,8 +370,13 @@ impl Guest {
         data.resize(data.len().next_multiple_of(4), 0);
         let mut archive = Newc::default();
         let mut dirs: Vec<String> = Vec::new();
+        let script = if self.boot_counter {
+            format!("{BOOT_COUNTER_PRELUDE}{}", self.script)
+        } else {
+            self.script.clone()
+        };
         let mut entries: Vec<(String, &[u8], u32)> =
-            vec![("test.sh".to_string(), self.script.as_bytes(), 0o100_755)];
+            vec![("test.sh".to_string(), script.as_bytes(), 0o100_755)];
         for (path, contents, mode) in &self.files {
             entries.push((path.trim_start_matches('/').to_string(), contents, *mode));
         }
@@ -373,6 +401,44 @@ impl Guest {
         let mut f = fs::File::create(out)?;
         f.write_all(&data)?;
         f.sync_all()
+    }
+}
+
+/// Put before the script by [`Guest::boot_counter`]: `$BOOT` from the `bootcount` disk.
+const BOOT_COUNTER_PRELUDE: &str = r#"# Guest::boot_counter: the boot number lives in the disk whose serial is "bootcount".
+for d in /sys/block/vd*; do
+    [ "$(cat "$d/serial" 2>/dev/null)" = bootcount ] && BOOT_DISK=/dev/${d##*/}
+done
+[ -n "$BOOT_DISK" ] || { echo "GUEST-TEST: no bootcount disk"; exit 97; }
+BOOT=$(dd if="$BOOT_DISK" bs=512 count=1 2>/dev/null | tr -dc 0-9)
+BOOT=$(( ${BOOT:-0} + 1 ))
+echo "$BOOT" | dd of="$BOOT_DISK" bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null
+echo "RESULT boot $BOOT"
+"#;
+
+/// Wait until the console log at `path` ([`Guest::console_log`]) holds `needle` at least
+/// `count` times: for a test that acts on the host at a given point of a running guest.
+/// False on timeout, or once `running` says the guest is gone (and the log lacks it).
+pub fn wait_console(
+    path: &Path,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+    running: impl Fn() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let gone = !running();
+        let seen = fs::read(path)
+            .map(|b| String::from_utf8_lossy(&b).matches(needle).count())
+            .unwrap_or(0);
+        if seen >= count {
+            return true;
+        }
+        if gone || Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

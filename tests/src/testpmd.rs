@@ -1,11 +1,13 @@
 //! `dpdk-testpmd` as a traffic peer: a DPDK process whose `net_virtio_user` ports are real
 //! virtio-net drivers speaking vhost-user to a backend socket (a vswitch port).
 //!
-//! Each [`Testpmd`] is one interactive (`-i`) testpmd driven over its stdin: a command is
-//! sent, and its output is everything up to the next `testpmd> ` prompt. That allows what a
-//! fixed command line cannot, such as changing a port's MAC (the source address txonly
-//! frames carry) between bursts. The process is killed if dropped; every failure panics
-//! with the command, the reason and the last lines testpmd printed.
+//! Each [`Testpmd`] is one interactive (`-i`) testpmd driven over its stdin by
+//! [`testkit::testpmd`] (the driver the benchmark uses too): a command is sent, and its
+//! output is everything up to the next `testpmd> ` prompt. That allows what a fixed command
+//! line cannot, such as changing a port's MAC (the source address txonly frames carry)
+//! between bursts. This module sets up the command line and turns every failure into a
+//! panic with the command, the reason and the last lines testpmd printed; the process is
+//! killed if dropped.
 //!
 //! How the processes are set up, and why:
 //! - `--in-memory` (no runtime files, hugepages taken as memfds and unlinked): nothing is
@@ -47,19 +49,14 @@
 //! - `mac_addr set` alone does not change what txonly sends: testpmd copies the port's MAC
 //!   when the port starts. [`Testpmd::set_mac`] therefore restarts the port.
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use testkit::testpmd::{parse_port_stats, PortStats, TESTPMD};
 
 use crate::{have_program, require};
-
-/// The testpmd binary (Debian package dpdk-dev).
-pub const TESTPMD: &str = "dpdk-testpmd";
 
 /// Hugepage memory each testpmd takes (`--socket-mem`), in MiB.
 pub const SOCKET_MEM_MB: u32 = 128;
@@ -72,12 +69,6 @@ pub const BROADCAST: &str = "ff:ff:ff:ff:ff:ff";
 
 const HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 const HUGEPAGE_MB: u32 = 2;
-const PROMPT: &str = "testpmd> ";
-/// Startup: EAL init, hugepage allocation, vhost-user negotiation of every port.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// One command, including `port stop`/`port start` (a vhost-user renegotiation).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
-const TAIL_LINES: usize = 40;
 
 /// Whether testpmd tests can run here: `dpdk-testpmd` on PATH and enough free 2 MiB
 /// hugepages for `processes` testpmds. As root, missing hugepages are reserved (as
@@ -148,55 +139,6 @@ fn ensure_hugepages(pages: u32) -> Result<(), String> {
     }
 }
 
-/// Per-port counters from `show port stats all`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PortStats {
-    pub rx_packets: u64,
-    pub rx_missed: u64,
-    pub rx_bytes: u64,
-    pub rx_errors: u64,
-    pub rx_nombuf: u64,
-    pub tx_packets: u64,
-    pub tx_errors: u64,
-    pub tx_bytes: u64,
-}
-
-/// Parse the `NIC statistics for port N` blocks of `show port stats all` (or of a
-/// `--stats-period` report): the counters of each port, by port id.
-pub fn parse_port_stats(text: &str) -> Vec<(u16, PortStats)> {
-    const MARK: &str = "NIC statistics for port ";
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(at) = rest.find(MARK) {
-        rest = &rest[at + MARK.len()..];
-        let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let Ok(id) = id.parse::<u16>() else { continue };
-        let block = &rest[..rest.find(MARK).unwrap_or(rest.len())];
-        let field = |name: &str| -> u64 {
-            let key = format!("{name}:");
-            block
-                .find(&key)
-                .and_then(|i| block[i + key.len()..].split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        out.push((
-            id,
-            PortStats {
-                rx_packets: field("RX-packets"),
-                rx_missed: field("RX-missed"),
-                rx_bytes: field("RX-bytes"),
-                rx_errors: field("RX-errors"),
-                rx_nombuf: field("RX-nombuf"),
-                tx_packets: field("TX-packets"),
-                tx_errors: field("TX-errors"),
-                tx_bytes: field("TX-bytes"),
-            },
-        ));
-    }
-    out
-}
-
 /// One `net_virtio_user` port: the vhost-user socket it connects to and its MAC.
 #[derive(Debug, Clone)]
 struct Vdev {
@@ -249,57 +191,37 @@ impl TestpmdBuilder {
             SEQ.fetch_add(1, Ordering::Relaxed),
             self.name
         );
-        // testpmd prints through stdio, which a pipe makes fully buffered, while the
-        // command line writes its prompt straight to the descriptor: unbuffer stdout (stdbuf)
-        // and send stderr down the same pipe, so replies come before their prompt, in order.
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("exec stdbuf -o0 -e0 {TESTPMD} \"$@\" 2>&1"))
-            .arg(TESTPMD)
-            .args(["-l", "0,1", "--main-lcore"])
-            .arg((1 - self.forward_lcore).to_string())
-            .args(["--no-pci", "--in-memory", "--single-file-segments"])
-            .arg(format!("--file-prefix={prefix}"))
-            .arg(format!("--socket-mem={SOCKET_MEM_MB}"));
+        let mut args: Vec<String> = vec![
+            "-l".into(),
+            "0,1".into(),
+            "--main-lcore".into(),
+            (1 - self.forward_lcore).to_string(),
+            "--no-pci".into(),
+            "--in-memory".into(),
+            "--single-file-segments".into(),
+            format!("--file-prefix={prefix}"),
+            format!("--socket-mem={SOCKET_MEM_MB}"),
+        ];
         for (i, v) in self.vdevs.iter().enumerate() {
-            cmd.arg("--vdev").arg(format!(
+            args.push("--vdev".into());
+            args.push(format!(
                 "net_virtio_user{i},path={},queues=1,mac={}",
                 v.socket.display(),
                 v.mac
             ));
         }
-        cmd.arg("--")
-            .arg("-i")
-            .arg("--nb-cores=1")
-            .arg(format!("--total-num-mbufs={MBUFS}"))
-            .arg("--port-topology=loop")
-            .args(&self.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let line = format!("{cmd:?}");
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {TESTPMD}: {e}"));
-        let out = Arc::new(Output::default());
-        let mut readers = Vec::new();
-        if let Some(stdout) = child.stdout.take() {
-            let out = out.clone();
-            readers.push(std::thread::spawn(move || out.pump(stdout)));
-        }
-        let stdin = child.stdin.take();
-        let mut t = Testpmd {
-            name: self.name,
-            child,
-            stdin,
-            out,
-            readers,
-            mark: 0,
-            ports: self.vdevs.len(),
-        };
-        t.wait_prompt(START_TIMEOUT, &format!("startup ({line})"));
+        args.extend([
+            "--".into(),
+            "--nb-cores=1".into(),
+            format!("--total-num-mbufs={MBUFS}"),
+            "--port-topology=loop".into(),
+        ]);
+        args.extend(self.args);
+        let inner = testkit::testpmd::Testpmd::spawn(&self.name, &args, None, &mut || None)
+            .unwrap_or_else(|e| panic!("{e}\ncommand line: {TESTPMD} {}", args.join(" ")));
+        let mut t = Testpmd { inner };
         // Startup prints `Port N: AA:BB:...` for each port: check the ids map to our vdevs.
-        let text = t.out.text().clone();
+        let text = t.output();
         for (i, v) in self.vdevs.iter().enumerate() {
             let want = format!("Port {i}: {}", v.mac.to_ascii_uppercase());
             if !text.contains(&want) {
@@ -316,45 +238,15 @@ impl TestpmdBuilder {
     }
 }
 
-#[derive(Default)]
-struct Output {
-    text: Mutex<String>,
-    changed: Condvar,
-    /// testpmd's output reached end of file.
-    closed: Mutex<bool>,
-}
-
-impl Output {
-    fn text(&self) -> MutexGuard<'_, String> {
-        self.text.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn pump(&self, mut stream: impl Read) {
-        let mut buf = [0u8; 16384];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    self.text().push_str(&String::from_utf8_lossy(&buf[..n]));
-                    self.changed.notify_all();
-                }
-            }
-        }
-        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.changed.notify_all();
-    }
-}
-
 /// A running interactive testpmd; killed when dropped.
 pub struct Testpmd {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    out: Arc<Output>,
-    readers: Vec<JoinHandle<()>>,
-    /// Offset in the output just after the last prompt a command waited for.
-    mark: usize,
-    ports: usize,
+    inner: testkit::testpmd::Testpmd,
+}
+
+/// The reply, or a panic with the driver's error (command, reason, output tail).
+#[track_caller]
+fn ok<T>(r: Result<T, String>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Testpmd {
@@ -371,90 +263,24 @@ impl Testpmd {
 
     /// Everything testpmd printed so far.
     pub fn output(&self) -> String {
-        self.out.text().clone()
+        self.inner.output()
     }
 
     /// The last `n` lines testpmd printed.
     pub fn tail(&self, n: usize) -> String {
-        let text = self.out.text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.inner.tail(n)
     }
 
     #[track_caller]
     fn fail(&mut self, what: &str, why: &str) -> ! {
-        let status = match self.child.try_wait() {
-            Ok(Some(s)) => format!("exited with {s}"),
-            _ => "still running".to_string(),
-        };
-        panic!(
-            "testpmd {} ({status}): {what}: {why}\n--- last {TAIL_LINES} lines of its output ---\n{}\n---",
-            self.name,
-            self.tail(TAIL_LINES)
-        );
-    }
-
-    /// Wait for a prompt after `self.mark`; move the mark past it and return what came
-    /// before it.
-    #[track_caller]
-    fn wait_prompt(&mut self, timeout: Duration, what: &str) -> String {
-        let deadline = Instant::now() + timeout;
-        let out = self.out.clone();
-        let mut text = out.text();
-        loop {
-            if let Some(at) = text[self.mark..].find(PROMPT) {
-                let reply = text[self.mark..self.mark + at].to_string();
-                self.mark += at + PROMPT.len();
-                return reply;
-            }
-            let closed = *out.closed.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            if closed || now >= deadline {
-                drop(text);
-                let why = match closed {
-                    true => "testpmd exited".to_string(),
-                    false => format!("no prompt within {timeout:?}"),
-                };
-                self.fail(what, &why);
-            }
-            let wait = (deadline - now).min(Duration::from_millis(200));
-            text = out
-                .changed
-                .wait_timeout(text, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        panic!("{}", self.inner.error(what, why));
     }
 
     /// Run one interactive command and return its output (up to the next prompt). Panics
     /// if testpmd does not know the command or rejects its arguments.
     #[track_caller]
     pub fn cmd(&mut self, line: &str) -> String {
-        let sent = self.stdin.as_mut().map(|s| {
-            s.write_all(format!("{line}\n").as_bytes())
-                .and_then(|()| s.flush())
-        });
-        match sent {
-            Some(Ok(())) => {}
-            Some(Err(e)) => self.fail(line, &format!("cannot write the command: {e}")),
-            None => self.fail(line, "stdin already closed"),
-        }
-        let reply = self.wait_prompt(COMMAND_TIMEOUT, line);
-        // What testpmd 22.11 prints for a command it refuses.
-        for bad in [
-            "Bad arguments",
-            "Command not found",
-            "Invalid port",
-            "Error:",
-            "error: (",
-            "Please stop",
-            "Please remove",
-        ] {
-            if reply.contains(bad) {
-                self.fail(line, &format!("testpmd answered \"{bad}\""));
-            }
-        }
-        reply
+        ok(self.inner.cmd(line))
     }
 
     /// `set fwd MODE`: txonly, rxonly, io, mac, macswap, flowgen, ...
@@ -499,16 +325,7 @@ impl Testpmd {
     /// Every port's counters (`show port stats all`), indexed by port id.
     #[track_caller]
     pub fn stats(&mut self) -> Vec<PortStats> {
-        let reply = self.cmd("show port stats all");
-        let parsed = parse_port_stats(&reply);
-        let ids: Vec<u16> = parsed.iter().map(|(id, _)| *id).collect();
-        if ids != (0..self.ports as u16).collect::<Vec<_>>() {
-            self.fail(
-                "show port stats all",
-                &format!("expected ports 0..{}, parsed {ids:?}", self.ports),
-            );
-        }
-        parsed.into_iter().map(|(_, s)| s).collect()
+        ok(self.inner.port_stats())
     }
 
     /// Give `port` the MAC `mac`, which txonly then sends from: `mac_addr set`, then a port
@@ -532,83 +349,10 @@ impl Testpmd {
     /// which ends with the final statistics. Panics if testpmd hangs or fails.
     #[track_caller]
     pub fn quit(mut self) -> String {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"quit\n");
-        }
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => self.fail("quit", &format!("still running after {COMMAND_TIMEOUT:?}")),
-                Err(e) => self.fail("quit", &format!("cannot wait: {e}")),
-            }
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
+        let status = ok(self.inner.quit());
         if !status.success() {
             self.fail("quit", &format!("exit status {status}"));
         }
         self.output()
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SHOW: &str = "show port stats all
-
-  ######################## NIC statistics for port 0  ########################
-  RX-packets: 12         RX-missed: 1          RX-bytes:  768
-  RX-errors: 0
-  RX-nombuf:  3         
-  TX-packets: 396757     TX-errors: 0          TX-bytes:  25392448
-
-  Throughput (since last show)
-  Rx-pps:            0          Rx-bps:            0
-  Tx-pps:            0          Tx-bps:            0
-  ############################################################################
-
-  ######################## NIC statistics for port 1  ########################
-  RX-packets: 0          RX-missed: 0          RX-bytes:  0
-  RX-errors: 0
-  RX-nombuf:  0         
-  TX-packets: 5          TX-errors: 2          TX-bytes:  320
-  ############################################################################
-";
-
-    #[test]
-    fn parses_port_stats() {
-        let s = parse_port_stats(SHOW);
-        assert_eq!(s.len(), 2);
-        let want0 = PortStats {
-            rx_packets: 12,
-            rx_missed: 1,
-            rx_bytes: 768,
-            rx_nombuf: 3,
-            tx_packets: 396757,
-            tx_bytes: 25392448,
-            ..PortStats::default()
-        };
-        assert_eq!(s[0], (0, want0));
-        let want1 = PortStats {
-            tx_packets: 5,
-            tx_errors: 2,
-            tx_bytes: 320,
-            ..PortStats::default()
-        };
-        assert_eq!(s[1], (1, want1));
-        assert!(parse_port_stats("no stats here").is_empty());
     }
 }

@@ -1,12 +1,14 @@
 //! End-to-end with real QEMU guests on virtio-net-pci NICs whose vhost-user backends are
 //! vswitch ports: guests on VLAN 10 reach each other, a guest on VLAN 20 sees none of
-//! their frames.
+//! their frames; a guest reboots inside its QEMU and its traffic resumes without disturbing
+//! the other port; a client-mode port follows its QEMU across restarts.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::guest::{self, Guest, GuestOutput};
+use e2e::guest::{self, wait_console, Guest, GuestOutput};
 use e2e::{bin, wait_for_socket};
 
 struct Switch {
@@ -30,6 +32,39 @@ impl Switch {
             wait_for_socket(s, Duration::from_secs(20));
         }
         Switch { child }
+    }
+
+    /// Each port's counters, from `vswitch ctl --config CONFIG --json stats`.
+    fn stats(config: &Path) -> HashMap<String, HashMap<String, u64>> {
+        let out = Command::new(bin("vswitch"))
+            .arg("ctl")
+            .arg("--config")
+            .arg(config)
+            .args(["--json", "stats"])
+            .output()
+            .expect("run vswitch ctl");
+        assert!(
+            out.status.success(),
+            "vswitch ctl stats: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reply: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("vswitch ctl --json stats: JSON");
+        let ports = reply["stats"].as_array().expect("a 'stats' array");
+        ports
+            .iter()
+            .map(|p| {
+                let name = p["name"].as_str().expect("port name").to_string();
+                let counters = p["counters"]
+                    .as_object()
+                    .expect("port counters")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().expect("a counter")))
+                    .collect();
+                (name, counters)
+            })
+            .collect()
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
@@ -169,6 +204,187 @@ fn vlan_isolation_between_guests() {
         o3.describe()
     );
     let status = switch.stop();
+    assert!(status.success(), "vswitch exit status {status}");
+}
+
+/// `reach HOST TRIES`: ping HOST once a try (1 s timeout each) until it answers.
+const REACH: &str = "reach() { i=0; while [ $i -lt $2 ]; do \
+                     ping -c 1 -W 1 $1 >/dev/null 2>&1 && return 0; i=$((i+1)); done; return 1; }\n";
+
+/// vm1 of the reboot test: reaches vm2, waits until vm2 has seen it (vm2 adds 10.0.10.12),
+/// reboots with `reboot -f`; on its second boot adds 10.0.10.11 (what vm2 waits for),
+/// reaches vm2 and the gateway again, and waits until vm2 has seen it (10.0.10.13).
+fn rebooting_guest() -> String {
+    format!(
+        "{REACH}\
+         ip link set eth0 up\n\
+         ip addr add 10.0.10.1/24 dev eth0\n\
+         case $BOOT in\n\
+         1)\n\
+         \x20 reach 10.0.10.2 120; echo RESULT ping-vm2-boot1 $?\n\
+         \x20 reach 10.0.10.12 120; echo RESULT vm2-saw-boot1 $?\n\
+         \x20 echo RESULT rebooting now\n\
+         \x20 reboot -f\n\
+         \x20 sleep 60\n\
+         \x20 ;;\n\
+         2)\n\
+         \x20 ip addr add 10.0.10.11/24 dev eth0\n\
+         \x20 reach 10.0.10.2 120; echo RESULT ping-vm2-boot2 $?\n\
+         \x20 reach 10.0.10.254 30; echo RESULT ping-gw-boot2 $?\n\
+         \x20 reach 10.0.10.13 120; echo RESULT vm2-saw-boot2 $?\n\
+         \x20 ;;\n\
+         *)\n\
+         \x20 exit 1\n\
+         \x20 ;;\n\
+         esac\n"
+    )
+}
+
+/// vm2 of the reboot test: reaches vm1, says so (10.0.10.12), then while vm1 reboots pings
+/// the gateway until vm1's second boot answers on 10.0.10.11, says so (10.0.10.13), stays
+/// up until vm1 is gone, and reports its link.
+fn steady_guest() -> String {
+    format!(
+        "{REACH}\
+         ip link set eth0 up\n\
+         ip addr add 10.0.10.2/24 dev eth0\n\
+         reach 10.0.10.1 120; echo RESULT ping-vm1-boot1 $?\n\
+         echo RESULT carrier-changes-before $(cat /sys/class/net/eth0/carrier_changes)\n\
+         ip addr add 10.0.10.12/24 dev eth0\n\
+         ok=1; gw=0; n=0\n\
+         while [ $n -lt 150 ]; do\n\
+         \x20 if ping -c 1 -W 1 10.0.10.11 >/dev/null 2>&1; then ok=0; break; fi\n\
+         \x20 ping -c 1 -W 1 10.0.10.254 >/dev/null 2>&1 && gw=$((gw+1))\n\
+         \x20 n=$((n+1))\n\
+         done\n\
+         echo RESULT ping-vm1-boot2 $ok\n\
+         echo RESULT gw-while-waiting $gw\n\
+         ip addr add 10.0.10.13/24 dev eth0\n\
+         n=0; miss=0\n\
+         while [ $n -lt 60 ] && [ $miss -lt 3 ]; do\n\
+         \x20 if ping -c 1 -W 1 10.0.10.11 >/dev/null 2>&1; then miss=0; sleep 1; else miss=$((miss+1)); fi\n\
+         \x20 n=$((n+1))\n\
+         done\n\
+         echo RESULT carrier $(cat /sys/class/net/eth0/carrier)\n\
+         echo RESULT carrier-changes-after $(cat /sys/class/net/eth0/carrier_changes)\n"
+    )
+}
+
+/// A guest reboots inside its QEMU (`reboot -f`: QEMU resets the machine, the vhost-user
+/// device is stopped and set up again over the same connection) while another guest on the
+/// same VLAN keeps running: the rebooted guest's traffic resumes both ways, and the other
+/// guest keeps its link and its traffic through the switch the whole time.
+#[test]
+fn guest_reboot_resumes_traffic_and_spares_the_other_port() {
+    if !guest::require_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s1, s2) = (dir.path().join("vm1.sock"), dir.path().join("vm2.sock"));
+    let config = dir.path().join("switch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[switch]\ncontrol_socket = \"{}\"\n\n\
+             [[vlan]]\nid = 10\nservice_ip = \"10.0.10.254/24\"\n\n\
+             [[port]]\nname = \"vm1\"\nsocket = \"{}\"\nvlan = 10\n\n\
+             [[port]]\nname = \"vm2\"\nsocket = \"{}\"\nvlan = 10\n",
+            dir.path().join("ctl.sock").display(),
+            s1.display(),
+            s2.display()
+        ),
+    )
+    .expect("config");
+    let switch = Switch::start(&config, &[&s1, &s2]);
+
+    let console1 = dir.path().join("vm1.console");
+    let timeout = Duration::from_secs(360);
+    let vm1 = {
+        let (s1, console1) = (s1.clone(), console1.clone());
+        std::thread::spawn(move || {
+            Guest::new(rebooting_guest())
+                .net(&s1, "02:00:00:00:10:01")
+                .allow_reboot()
+                .boot_counter()
+                .console_log(console1)
+                .timeout(timeout)
+                .run()
+        })
+    };
+    let vm2 = std::thread::spawn(move || {
+        Guest::new(steady_guest())
+            .net(&s2, "02:00:00:00:10:02")
+            .timeout(timeout)
+            .run()
+    });
+
+    // vm1 is down from its "rebooting" line until its init comes up a second time.
+    let running = || !vm1.is_finished();
+    let rebooting = wait_console(&console1, "RESULT rebooting now", 1, timeout, running);
+    let before = Switch::stats(&config);
+    let rebooted = rebooting && wait_console(&console1, "GUEST-INIT: ready", 2, timeout, running);
+    let during = Switch::stats(&config);
+    let (o1, o2) = (vm1.join().expect("vm1"), vm2.join().expect("vm2"));
+    let after = Switch::stats(&config);
+    let status = switch.stop();
+
+    o1.assert_ok();
+    o2.assert_ok();
+    assert!(
+        rebooting && rebooted,
+        "vm1 did not reboot (rebooting line: {rebooting}, second boot: {rebooted}):\n{}",
+        o1.describe()
+    );
+    assert_eq!(o1.boots(), 2, "vm1 must boot twice:\n{}", o1.describe());
+    assert_eq!(o1.result_all("boot"), ["1", "2"], "{}", o1.describe());
+    let expect = |o: &GuestOutput, who: &str, key: &str, want: &str| {
+        assert_eq!(
+            o.result(key),
+            Some(want),
+            "{who}: RESULT {key} must be {want}:\n{}",
+            o.describe()
+        );
+    };
+    expect(&o1, "vm1", "ping-vm2-boot1", "0");
+    expect(&o1, "vm1", "vm2-saw-boot1", "0");
+    expect(&o2, "vm2", "ping-vm1-boot1", "0");
+    // Traffic resumes after the reboot, both ways, and to the gateway.
+    expect(&o1, "vm1", "ping-vm2-boot2", "0");
+    expect(&o1, "vm1", "ping-gw-boot2", "0");
+    expect(&o2, "vm2", "ping-vm1-boot2", "0");
+    expect(&o1, "vm1", "vm2-saw-boot2", "0");
+    // vm2 kept its link and reached the gateway while vm1 was rebooting.
+    expect(&o2, "vm2", "carrier", "1");
+    assert_eq!(
+        o2.result("carrier-changes-after"),
+        Some(o2.expect_result("carrier-changes-before")),
+        "vm2's link went down or up while vm1 rebooted:\n{}",
+        o2.describe()
+    );
+    let gw: u32 = o2
+        .expect_result("gw-while-waiting")
+        .parse()
+        .expect("a count");
+    assert!(
+        gw >= 1,
+        "vm2 never reached the gateway while vm1 rebooted:\n{}",
+        o2.describe()
+    );
+    // The switch saw it too: vm2's port forwarded both ways while vm1 was down, and vm1's
+    // port carried traffic again after its second boot.
+    let grew = |a: &HashMap<String, HashMap<String, u64>>,
+                b: &HashMap<String, HashMap<String, u64>>,
+                port: &str,
+                key: &str| {
+        let get =
+            |s: &HashMap<String, HashMap<String, u64>>| s[port].get(key).copied().unwrap_or(0);
+        let (a, b) = (get(a), get(b));
+        assert!(b > a, "{port} {key} did not grow: {a} -> {b}");
+    };
+    for key in ["rx_packets", "tx_packets"] {
+        grew(&before, &during, "vm2", key);
+        grew(&during, &after, "vm1", key);
+    }
     assert!(status.success(), "vswitch exit status {status}");
 }
 

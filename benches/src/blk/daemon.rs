@@ -1,7 +1,6 @@
 //! Starting, watching and stopping the daemons under measurement.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -16,25 +15,7 @@ pub struct DaemonProc {
     log: PathBuf,
 }
 
-/// Make `cmd` safe to leave running: its own process group (a Ctrl-C in the terminal reaches
-/// the runner only, which then stops the daemons in order) and SIGKILL when the runner dies.
-pub fn contain(cmd: &mut Command) {
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-    // functions (setpgid, prctl, getppid).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setpgid(0, 0);
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The runner may already have died between fork and prctl.
-            if libc::getppid() == 1 {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
+pub use testkit::contain;
 
 impl DaemonProc {
     /// Spawn `cmd` with its output in `log`, and wait until it listens on `socket`.

@@ -20,7 +20,6 @@
 //! limited the run.
 
 mod ovs;
-mod testpmd;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
@@ -31,7 +30,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ovs::{Ovs, OvsLayout};
-use testpmd::{PortStats, Testpmd};
+use testkit::testpmd::{self, PortStats, Testpmd};
 
 use crate::blk::daemon::{self, cpu_time, DaemonProc};
 use crate::{chart, signals};
@@ -507,8 +506,8 @@ impl Switch {
                     .map(String::from),
                 );
                 a.push(format!("--total-num-mbufs={MBUFS}"));
-                let pmd =
-                    Testpmd::spawn("vhost-pmd", &a, &dir.join("vhost-pmd.log"), &mut || None)?;
+                let log = dir.join("vhost-pmd.log");
+                let pmd = Testpmd::spawn("vhost-pmd", &a, Some(&log), &mut interrupted)?;
                 let mut sw = Switch::VhostPmd {
                     pmd: Box::new(pmd),
                     sockets: sockets.clone(),
@@ -559,7 +558,7 @@ impl Switch {
                     && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
                         .map(|s| s.contains(") Z"))
                         .unwrap_or(true);
-                (!alive).then(|| format!("vhost-pmd testpmd ended; log:\n{}", pmd.log_tail(15)))
+                (!alive).then(|| format!("vhost-pmd testpmd ended; log:\n{}", pmd.tail(15)))
             }
         }
     }
@@ -568,7 +567,7 @@ impl Switch {
         match self {
             Switch::Vswitch { log, .. } => file_tail(log, 20),
             Switch::Ovs(o) => o.log_tail(),
-            Switch::VhostPmd { pmd, .. } => pmd.log_tail(15),
+            Switch::VhostPmd { pmd, .. } => pmd.tail(15),
         }
     }
 
@@ -640,7 +639,7 @@ impl Switch {
                 Err(e) => format!("vswitch: {e}"),
             }],
             Switch::Ovs(o) => o.stop(),
-            Switch::VhostPmd { pmd, .. } => vec![match pmd.quit() {
+            Switch::VhostPmd { mut pmd, .. } => vec![match pmd.quit() {
                 Ok(s) if s.success() => "vhost-pmd testpmd quit with status 0".to_string(),
                 Ok(s) => format!("vhost-pmd testpmd quit with {s}"),
                 Err(e) => e,
@@ -796,6 +795,11 @@ fn gen_args(sockets: &[PathBuf; 2], size: usize, args: &Args) -> Vec<String> {
     a
 }
 
+/// For [`Testpmd::spawn`]'s watch: SIGINT or SIGTERM arrived.
+fn interrupted() -> Option<String> {
+    signals::stopped().then(|| "interrupted".to_string())
+}
+
 fn sleep_checked(d: Duration) -> Result<(), String> {
     let end = Instant::now() + d;
     while Instant::now() < end {
@@ -873,9 +877,12 @@ fn start_loop(
 ) -> Result<Result<Testpmd, String>, String> {
     let sockets = sw.sockets();
     let log = dir.join(format!("gen-{size}.log"));
-    let mut gen = Testpmd::spawn("gen", &gen_args(&sockets, size, args), &log, &mut || {
-        sw.exited()
-    })?;
+    let mut gen = Testpmd::spawn(
+        "gen",
+        &gen_args(&sockets, size, args),
+        Some(&log),
+        &mut || interrupted().or_else(|| sw.exited()),
+    )?;
     // The switch enables the queues a little after the driver is set up (OVS reloads its
     // PMD): frames sent before that are lost, and a direction whose frames are all lost stays
     // empty for ever. Give it a moment, then check that both directions move.
