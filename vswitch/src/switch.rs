@@ -14,7 +14,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::VlanMode;
 use crate::copy::{self, HostRange, Piece};
 use crate::fdb::{Fdb, Learned};
-use crate::frame::{Header, Mac};
+use crate::frame::{Header, Mac, ETH_HLEN, VLAN_HLEN};
 use crate::net::NET_HDR_LEN;
 use crate::qos::PortQos;
 use crate::ring::{Ring, Seg};
@@ -86,6 +86,8 @@ pub struct Scratch {
     dest: Vec<HostRange>,
     segs: Vec<Seg>,
     chains: Vec<(u16, usize)>,
+    /// Receive chains that cannot hold a frame, returned empty.
+    bad: Vec<u16>,
     written: Vec<usize>,
 }
 
@@ -420,6 +422,12 @@ impl Switch {
                 if !p.spec.vlan.carries(o.vlan) {
                     continue;
                 }
+                // The tag never counts towards the MTU, whether it is kept, stripped or added.
+                let tag = if o.tagged { VLAN_HLEN } else { 0 };
+                if o.len.saturating_sub(ETH_HLEN + tag) > usize::from(p.spec.mtu) {
+                    p.count_drop(&p.stats.drop_mtu, "frame larger than the port's MTU");
+                    continue;
+                }
                 let policed =
                     now.is_some_and(|now| qos.rx.consume_at(o.len as u64, 1, now).is_err());
                 if policed {
@@ -478,6 +486,7 @@ impl Switch {
         s.pieces.clear();
         s.dest.clear();
         s.chains.clear();
+        s.bad.clear();
         let mut taken = 0u16;
         let mut no_room = 0;
         for (k, o) in s.accepted.iter().enumerate() {
@@ -491,7 +500,7 @@ impl Switch {
                 },
                 &mut s.pieces,
             );
-            let (dest, chains, before) = (s.dest.len(), s.chains.len(), taken);
+            let (dest, chains, before, bad) = (s.dest.len(), s.chains.len(), taken, s.bad.len());
             let mut capacity = 0usize;
             while capacity < total && taken < posted {
                 if !*mergeable && s.chains.len() > chains {
@@ -501,8 +510,18 @@ impl Switch {
                 taken += 1;
                 let first = s.dest.len();
                 s.segs.clear();
-                if let Err(e) = ring.chain(head, &mut s.segs) {
-                    p.count_drop(&p.stats.drop_malformed, &format!("receive chain: {e}"));
+                let unusable = match ring.chain(head, &mut s.segs) {
+                    Err(e) => Some(format!("receive chain: {e}")),
+                    Ok(()) if !s.segs.iter().any(|seg| seg.write) => {
+                        Some("receive chain without a writable buffer".to_string())
+                    }
+                    Ok(()) => None,
+                };
+                if let Some(what) = unusable {
+                    // Returned on its own, empty; never part of a frame.
+                    p.count_drop(&p.stats.drop_malformed, &what);
+                    s.bad.push(head);
+                    continue;
                 }
                 for seg in s.segs.iter().filter(|seg| seg.write) {
                     capacity += seg.range.len;
@@ -511,11 +530,19 @@ impl Switch {
                 s.chains.push((head, s.dest.len() - first));
             }
             if capacity < total {
-                // Give this frame's buffers back; the ones after it find no room either.
-                taken = before;
+                if s.bad.len() == bad {
+                    // Give this frame's buffers back for a later frame.
+                    taken = before;
+                } else {
+                    // Unusable chains were consumed among them, so the ring cannot be
+                    // rewound: return this frame's buffers empty as well.
+                    s.bad
+                        .extend(s.chains[chains..].iter().map(|&(head, _)| head));
+                }
                 s.pieces.truncate(pieces);
                 s.dest.truncate(dest);
                 s.chains.truncate(chains);
+                // The frames after it find no room either.
                 no_room = s.accepted.len() - k;
                 break;
             }
@@ -540,6 +567,12 @@ impl Switch {
         queue.set_next_avail(next.wrapping_add(taken));
         let old = queue.next_used();
         let mut used = old;
+        for &head in &s.bad {
+            if head < queue.size() {
+                ring.put_used(used, head, 0);
+                used = used.wrapping_add(1);
+            }
+        }
         let mut bytes = 0u64;
         for plan in &s.plans {
             let dest = &s.dest[plan.dest.clone()];

@@ -5,7 +5,7 @@
 //! on port 0 leaves on port 1 addressed to port 0's MAC, and the other way round, so the
 //! frames it injects once (`start tx_first`) circulate through the switch for ever. The switch
 //! is, in turn:
-//! - vswitch: two access ports on VLAN 10 (MAC learning, no QoS);
+//! - vswitch: two access ports on VLAN 10 (MAC learning with a per-port MAC limit, QoS rate limits and storm control configured above the offered load, so charged per frame but never binding);
 //! - ovs: Open vSwitch with DPDK, a netdev bridge with two `dpdkvhostuser` ports `tag=10`,
 //!   default `actions=NORMAL` flow;
 //! - vhost-pmd: a second testpmd with two `net_vhost` ports in `io` forwarding (no lookup at
@@ -39,6 +39,9 @@ use crate::{chart, signals};
 const GEN_MAC: [&str; 2] = ["02:00:00:00:00:10", "02:00:00:00:00:11"];
 /// The access VLAN of both switch ports (vswitch and OVS).
 const VLAN: u16 = 10;
+/// vswitch's QoS in the benchmark: 400 Gbit/s each way and 1 M flooded frames/s.
+const QOS: &str = "qos = { tx_rate_bps = 400_000_000_000, rx_rate_bps = 400_000_000_000, \
+                   storm_pps = 1_000_000 }";
 /// Mbufs per testpmd: rings, bursts in flight and caches, with room to spare.
 const MBUFS: u32 = 16384;
 /// Hugepage memory per testpmd (MiB).
@@ -435,8 +438,10 @@ impl Switch {
                 let ctl = dir.join("ctl.sock");
                 let config = dir.join("vswitch.toml");
                 let mut toml = format!(
-                    "# Two access ports on VLAN {VLAN}, MAC learning, no QoS.\n[switch]\n\
-                     control_socket = \"{}\"\n",
+                    "# Two access ports on VLAN {VLAN}, MAC learning with a per-port limit, and\n\
+                     # QoS on: TX and RX rate limits and storm control, set above what the\n\
+                     # loop reaches so that they are charged for every frame but never bind.\n\
+                     [switch]\ncontrol_socket = \"{}\"\n",
                     ctl.display()
                 );
                 let mtu = vswitch_mtu(&args.sizes);
@@ -444,7 +449,7 @@ impl Switch {
                     let _ = write!(
                         toml,
                         "\n[[port]]\nname = \"p{i}\"\nsocket = \"{}\"\nvlan = {VLAN}\n\
-                         mtu = {mtu}\n",
+                         mtu = {mtu}\nmac_limit = 64\n{QOS}\n",
                         s.display()
                     );
                 }
@@ -1189,7 +1194,7 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
     );
     let _ = writeln!(
         s,
-        "- vswitch: two access ports on VLAN {VLAN} (MAC learning on, no QoS), `mtu = {mtu}` \
+        "- vswitch: two access ports on VLAN {VLAN} (MAC learning on with `mac_limit = 64`; QoS on: `tx_rate_bps` and `rx_rate_bps` 400 Gbit/s, `storm_pps` 1 M, charged per frame but never binding), `mtu = {mtu}` \
          (the largest test frame minus its 14-byte Ethernet header, at least 1500: vswitch \
          drops longer frames, while OVS and the vhost PMD do not check), {}. ovs: \
          ovs-vswitchd-dpdk, netdev bridge, two `dpdkvhostuser` ports `tag={VLAN}`, default \
