@@ -2,8 +2,10 @@
 //! socket in a temp dir, and the "missing tool" policy (skip on a laptop, fail in CI).
 
 pub mod blk;
+pub mod frontend;
 pub mod guest;
 pub mod testpmd;
+pub mod vswitch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
