@@ -3,8 +3,10 @@
 
 pub mod blk;
 pub mod crash;
+pub mod frontend;
 pub mod guest;
 pub mod testpmd;
+pub mod vswitch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -9,18 +9,20 @@
 //! the avail ring and request headers itself, kicks an eventfd and waits on the call eventfd.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use e2e::frontend::{
+    ack_protocol_features, config_space, connect, get, guest_memory, le16, le32, le64, pattern,
+    put, ro, send_memory, wo, Desc, MemSetup, Ring, MIB,
+};
 use e2e::Daemon;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -29,12 +31,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_ZONE_REPORT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE,
-};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemoryMmap;
 
 const SECTOR: u64 = 512;
 /// 2048 sectors, sparse.
@@ -44,9 +42,6 @@ const NUM_QUEUES: u16 = 2;
 const QUEUE_SIZE: u16 = 256;
 /// Shorter than 20 bytes: GET_ID must pad it with NULs.
 const SERIAL: &str = "vdisk-fp-serial";
-/// Longest wait for one completion; everything is local, so this only bounds a hang.
-const COMPLETION_TIMEOUT: Duration = Duration::from_secs(3);
-const MIB: u64 = 1 << 20;
 
 /// Offsets into `struct virtio_blk_config`.
 mod cfg {
@@ -64,18 +59,9 @@ mod cfg {
 // ---------------------------------------------------------------------------------------------
 // Guest memory
 
-/// How the guest memory reaches the backend.
-#[derive(Clone, Copy, Debug)]
-enum MemSetup {
-    /// One 4 MiB memfd region, sent with SET_MEM_TABLE.
-    MemTable,
-    /// Two memfd regions with a hole between them, each sent with ADD_MEM_REG.
-    AddMemRegion,
-}
-
 /// Where things live in guest-physical memory.
 struct Layout {
-    /// Descriptor table, rings, indirect table, request header and status byte.
+    /// Descriptor table, rings, indirect tables, request header and status byte.
     ring_base: u64,
     /// Data buffers (at least 1 MiB).
     data_base: u64,
@@ -85,121 +71,35 @@ struct Layout {
     mem_end: u64,
 }
 
-impl MemSetup {
-    /// (guest-physical address, size) of each region, and the layout inside them.
-    fn regions(self) -> (Vec<(u64, u64)>, Layout) {
-        match self {
-            MemSetup::MemTable => {
-                let base = MIB;
-                (
-                    vec![(base, 4 * MIB)],
-                    Layout {
-                        ring_base: base,
-                        data_base: base + MIB,
-                        hole: base + 4 * MIB,
-                        mem_end: base + 4 * MIB,
-                    },
-                )
-            }
-            MemSetup::AddMemRegion => {
-                let rings = MIB;
-                let data = 16 * MIB;
-                (
-                    vec![(rings, MIB), (data, 2 * MIB)],
-                    Layout {
-                        ring_base: rings,
-                        data_base: data,
-                        hole: 8 * MIB,
-                        mem_end: data + 2 * MIB,
-                    },
-                )
-            }
-        }
-    }
-}
-
-fn memfd(size: u64) -> File {
-    // SAFETY: memfd_create reads a NUL-terminated name and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"vdisk-e2e-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size).expect("size the guest memory memfd");
-    file
-}
-
-fn guest_memory(regions: &[(u64, u64)]) -> GuestMemoryMmap<()> {
-    let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = regions
-        .iter()
-        .map(|&(gpa, size)| {
+/// (guest-physical address, size) of each region `setup` uses, and the layout inside them:
+/// one 4 MiB region, or two with a hole between them.
+fn regions(setup: MemSetup) -> (Vec<(u64, u64)>, Layout) {
+    match setup {
+        MemSetup::MemTable => {
+            let base = MIB;
             (
-                GuestAddress(gpa),
-                size as usize,
-                Some(FileOffset::new(memfd(size), 0)),
+                vec![(base, 4 * MIB)],
+                Layout {
+                    ring_base: base,
+                    data_base: base + MIB,
+                    hole: base + 4 * MIB,
+                    mem_end: base + 4 * MIB,
+                },
             )
-        })
-        .collect();
-    GuestMemoryMmap::from_ranges_with_files(&ranges).expect("map guest memory")
-}
-
-fn put(mem: &GuestMemoryMmap<()>, gpa: u64, bytes: &[u8]) {
-    mem.write_slice(bytes, GuestAddress(gpa))
-        .unwrap_or_else(|e| panic!("test bug: write guest memory at {gpa:#x}: {e}"));
-}
-
-fn get(mem: &GuestMemoryMmap<()>, gpa: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    mem.read_slice(&mut buf, GuestAddress(gpa))
-        .unwrap_or_else(|e| panic!("test bug: read guest memory at {gpa:#x}: {e}"));
-    buf
-}
-
-fn get_u16(mem: &GuestMemoryMmap<()>, gpa: u64) -> u16 {
-    let b = get(mem, gpa, 2);
-    u16::from_le_bytes([b[0], b[1]])
-}
-
-fn get_u32(mem: &GuestMemoryMmap<()>, gpa: u64) -> u32 {
-    let b = get(mem, gpa, 4);
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// The address the test process maps `gpa` at: what a VMM puts in vring addresses.
-fn host_addr(mem: &GuestMemoryMmap<()>, gpa: u64) -> u64 {
-    mem.get_host_address(GuestAddress(gpa))
-        .expect("address inside guest memory") as u64
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The split virtqueue
-
-#[derive(Clone, Copy, Debug)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    /// Device-writable.
-    write: bool,
-}
-
-fn ro(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        write: false,
-    }
-}
-
-fn wo(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        write: true,
+        }
+        MemSetup::AddMemRegion | MemSetup::Mixed => {
+            let rings = MIB;
+            let data = 16 * MIB;
+            (
+                vec![(rings, MIB), (data, 2 * MIB)],
+                Layout {
+                    ring_base: rings,
+                    data_base: data,
+                    hole: 8 * MIB,
+                    mem_end: data + 2 * MIB,
+                },
+            )
+        }
     }
 }
 
@@ -210,159 +110,6 @@ struct Done {
     used_len: u32,
 }
 
-/// The one queue a session uses, laid out at `Layout::ring_base`.
-struct Ring {
-    queue: usize,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    indirect: u64,
-    header: u64,
-    status: u64,
-    next_avail: u16,
-    next_desc: u16,
-    used_seen: u16,
-    kick: EventFd,
-    call: EventFd,
-}
-
-impl Ring {
-    fn new(queue: usize, base: u64) -> Ring {
-        Ring {
-            queue,
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            indirect: base + 0x3000,
-            header: base + 0x4000,
-            status: base + 0x4100,
-            next_avail: 0,
-            next_desc: 0,
-            used_seen: 0,
-            kick: EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd"),
-            call: EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd"),
-        }
-    }
-
-    fn write_desc(mem: &GuestMemoryMmap<()>, table: u64, index: u16, d: Desc, next: Option<u16>) {
-        let mut flags = 0u16;
-        if d.write {
-            flags |= VRING_DESC_F_WRITE as u16;
-        }
-        if next.is_some() {
-            flags |= VRING_DESC_F_NEXT as u16;
-        }
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
-        put(mem, table + 16 * u64::from(index), &raw);
-    }
-
-    /// Publish `chain` (directly, or through an indirect table), kick, and wait for its used
-    /// entry and the call notification.
-    fn submit(&mut self, mem: &GuestMemoryMmap<()>, chain: &[Desc], indirect: bool) -> u32 {
-        let n = chain.len() as u16;
-        let head = self.next_desc;
-        if indirect {
-            for (i, d) in chain.iter().enumerate() {
-                let i = i as u16;
-                Ring::write_desc(mem, self.indirect, i, *d, (i + 1 < n).then_some(i + 1));
-            }
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&self.indirect.to_le_bytes());
-            raw[8..12].copy_from_slice(&(16 * u32::from(n)).to_le_bytes());
-            raw[12..14].copy_from_slice(&(VRING_DESC_F_INDIRECT as u16).to_le_bytes());
-            put(mem, self.desc + 16 * u64::from(head), &raw);
-            self.next_desc = (head + 1) % QUEUE_SIZE;
-        } else {
-            for (i, d) in chain.iter().enumerate() {
-                let i = i as u16;
-                let index = (head + i) % QUEUE_SIZE;
-                let next = (i + 1 < n).then_some((head + i + 1) % QUEUE_SIZE);
-                Ring::write_desc(mem, self.desc, index, *d, next);
-            }
-            self.next_desc = (head + n) % QUEUE_SIZE;
-        }
-
-        let slot = u64::from(self.next_avail % QUEUE_SIZE);
-        put(mem, self.avail + 4 + 2 * slot, &head.to_le_bytes());
-        // used_event (EVENT_IDX): ask to be notified for this very request.
-        put(
-            mem,
-            self.avail + 4 + 2 * u64::from(QUEUE_SIZE),
-            &self.used_seen.to_le_bytes(),
-        );
-        fence(Ordering::SeqCst);
-        self.next_avail = self.next_avail.wrapping_add(1);
-        put(mem, self.avail + 2, &self.next_avail.to_le_bytes());
-        fence(Ordering::SeqCst);
-        self.kick.write(1).expect("kick the queue");
-
-        self.wait_call();
-        fence(Ordering::SeqCst);
-        let used_idx = get_u16(mem, self.used + 2);
-        let expected = self.used_seen.wrapping_add(1);
-        assert_eq!(
-            used_idx, expected,
-            "used.idx after one request (head {head}) must advance by exactly one"
-        );
-        let elem = self.used + 4 + 8 * u64::from(self.used_seen % QUEUE_SIZE);
-        let id = get_u32(mem, elem);
-        let len = get_u32(mem, elem + 4);
-        self.used_seen = expected;
-        // EVENT_IDX is negotiated: the device re-enables kicks by publishing avail_event,
-        // at the latest when its poll window (if any) after the last request has ended.
-        let avail_event_at = self.used + 4 + 8 * u64::from(QUEUE_SIZE);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while get_u16(mem, avail_event_at) != self.next_avail && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        assert_eq!(
-            get_u16(mem, avail_event_at),
-            self.next_avail,
-            "used ring avail_event must ask for a kick at the next avail index (EVENT_IDX)"
-        );
-        assert_eq!(
-            id,
-            u32::from(head),
-            "used ring entry must name the head of the chain just submitted"
-        );
-        len
-    }
-
-    fn wait_call(&self) {
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let deadline = Instant::now() + COMPLETION_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            // SAFETY: pfd is a valid pollfd for the duration of the call; nfds is 1.
-            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
-            if r > 0 {
-                break;
-            }
-            if r < 0 {
-                let err = std::io::Error::last_os_error();
-                assert!(
-                    err.kind() == std::io::ErrorKind::Interrupted,
-                    "poll on the call eventfd: {err}"
-                );
-            }
-            assert!(
-                r < 0 || Instant::now() < deadline,
-                "no call notification within {COMPLETION_TIMEOUT:?}: the daemon did not \
-                 complete the request (or did not signal it)"
-            );
-        }
-        self.call.read().expect("consume the call eventfd");
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // One frontend session
 
@@ -371,48 +118,13 @@ struct Session {
     mem: GuestMemoryMmap<()>,
     layout: Layout,
     ring: Ring,
+    /// The request header and, after it, the status byte.
+    header: u64,
+    status: u64,
 }
 
-fn connect(socket: &Path) -> Frontend {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match Frontend::connect(socket, u64::from(NUM_QUEUES)) {
-            Ok(fe) => return fe,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("connect {}: {e}; retrying", socket.display());
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("cannot connect a frontend to {}: {e}", socket.display()),
-        }
-    }
-}
-
-fn config_space(fe: &mut Frontend) -> Vec<u8> {
-    let (reply, data) = fe
-        .get_config(
-            0,
-            cfg::LEN as u32,
-            VhostUserConfigFlags::empty(),
-            &[0u8; cfg::LEN],
-        )
-        .expect("GET_CONFIG of the whole virtio_blk_config");
-    assert_eq!(reply.size as usize, cfg::LEN, "GET_CONFIG reply size");
-    assert_eq!(data.len(), cfg::LEN, "GET_CONFIG payload size");
-    data
-}
-
-fn le16(c: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([c[off], c[off + 1]])
-}
-
-fn le32(c: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([c[off], c[off + 1], c[off + 2], c[off + 3]])
-}
-
-fn le64(c: &[u8], off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&c[off..off + 8]);
-    u64::from_le_bytes(b)
+fn blk_config(fe: &mut Frontend) -> Vec<u8> {
+    config_space(fe, cfg::LEN)
 }
 
 /// Step 1: everything a VMM does before it touches memory or rings.
@@ -448,29 +160,18 @@ fn negotiate(fe: &mut Frontend) {
         "backend must offer VHOST_USER_F_PROTOCOL_FEATURES; offered {features:#x}"
     );
 
-    let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-    let wanted = VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    for (flag, name) in [
-        (VhostUserProtocolFeatures::CONFIG, "CONFIG"),
-        (VhostUserProtocolFeatures::MQ, "MQ"),
-        (VhostUserProtocolFeatures::REPLY_ACK, "REPLY_ACK"),
-        (
-            VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
-            "CONFIGURE_MEM_SLOTS",
-        ),
-    ] {
-        assert!(
-            proto.contains(flag),
-            "backend must offer protocol feature {name}; offered {proto:?}"
-        );
-    }
-    fe.set_protocol_features(wanted)
-        .expect("SET_PROTOCOL_FEATURES");
-    // From here on every request asks for an ack, so a refusal is an error at the call site.
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    ack_protocol_features(
+        fe,
+        &[
+            (VhostUserProtocolFeatures::CONFIG, "CONFIG"),
+            (VhostUserProtocolFeatures::MQ, "MQ"),
+            (VhostUserProtocolFeatures::REPLY_ACK, "REPLY_ACK"),
+            (
+                VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                "CONFIGURE_MEM_SLOTS",
+            ),
+        ],
+    );
 
     let queues = fe.get_queue_num().expect("GET_QUEUE_NUM");
     assert_eq!(
@@ -484,7 +185,7 @@ fn negotiate(fe: &mut Frontend) {
         "GET_MAX_MEM_SLOTS must allow at least the two regions this test adds, got {slots}"
     );
 
-    let c = config_space(fe);
+    let c = blk_config(fe);
     assert_eq!(
         le64(&c, cfg::CAPACITY),
         CAPACITY,
@@ -514,7 +215,7 @@ fn negotiate(fe: &mut Frontend) {
     // Accept everything offered: this frontend knows all of it.
     fe.set_features(features).expect("SET_FEATURES");
 
-    let c = config_space(fe);
+    let c = blk_config(fe);
     assert_eq!(
         c[cfg::WRITEBACK],
         1,
@@ -525,54 +226,25 @@ fn negotiate(fe: &mut Frontend) {
 impl Session {
     /// Connect, negotiate, hand over the guest memory and start `queue`.
     fn start(socket: &Path, setup: MemSetup, queue: usize) -> Session {
-        let mut fe = connect(socket);
+        let mut fe = connect(socket, u64::from(NUM_QUEUES));
         negotiate(&mut fe);
 
         // Step 2: guest memory.
-        let (regions, layout) = setup.regions();
+        let (regions, layout) = regions(setup);
         let mem = guest_memory(&regions);
-        let infos: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("memfd-backed region"))
-            .collect();
-        match setup {
-            MemSetup::MemTable => {
-                fe.set_mem_table(&infos).expect("SET_MEM_TABLE");
-            }
-            MemSetup::AddMemRegion => {
-                for info in &infos {
-                    fe.add_mem_region(info).unwrap_or_else(|e| {
-                        panic!("ADD_MEM_REG at {:#x}: {e}", info.guest_phys_addr)
-                    });
-                }
-            }
-        }
+        send_memory(&mut fe, &mem, setup);
 
         // Step 3: the queue.
-        let ring = Ring::new(queue, layout.ring_base);
-        fe.set_vring_num(queue, QUEUE_SIZE).expect("SET_VRING_NUM");
-        let addrs = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: host_addr(&mem, ring.desc),
-            used_ring_addr: host_addr(&mem, ring.used),
-            avail_ring_addr: host_addr(&mem, ring.avail),
-            log_addr: None,
-        };
-        fe.set_vring_addr(queue, &addrs).expect("SET_VRING_ADDR");
-        fe.set_vring_base(queue, 0).expect("SET_VRING_BASE");
-        fe.set_vring_call(queue, &ring.call)
-            .expect("SET_VRING_CALL");
-        fe.set_vring_kick(queue, &ring.kick)
-            .expect("SET_VRING_KICK");
-        fe.set_vring_enable(queue, true).expect("SET_VRING_ENABLE");
-
+        let ring = Ring::new(queue, QUEUE_SIZE, layout.ring_base, true);
+        ring.start(&mut fe, &mem);
+        let header = ring.end();
         Session {
             fe,
             mem,
             layout,
             ring,
+            header,
+            status: header + 0x100,
         }
     }
 
@@ -581,14 +253,14 @@ impl Session {
         let mut hdr = [0u8; 16];
         hdr[0..4].copy_from_slice(&req_type.to_le_bytes());
         hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-        put(&self.mem, self.ring.header, &hdr);
+        put(&self.mem, self.header, &hdr);
         // A value no device writes, so a missing status write shows.
-        put(&self.mem, self.ring.status, &[0xa5]);
-        let mut chain = vec![ro(self.ring.header, 16)];
+        put(&self.mem, self.status, &[0xa5]);
+        let mut chain = vec![ro(self.header, 16)];
         chain.extend_from_slice(data);
-        chain.push(wo(self.ring.status, 1));
+        chain.push(wo(self.status, 1));
         let used_len = self.ring.submit(&self.mem, &chain, indirect);
-        let status = get(&self.mem, self.ring.status, 1)[0];
+        let status = get(&self.mem, self.status, 1)[0];
         Done { status, used_len }
     }
 
@@ -841,7 +513,7 @@ fn run(setup: MemSetup, engine: &str) {
     s.fe.set_config(cfg::WRITEBACK as u32, VhostUserConfigFlags::WRITABLE, &[0])
         .expect("SET_CONFIG of writeback=0 must be accepted");
     assert_eq!(
-        config_space(&mut s.fe)[cfg::WRITEBACK],
+        blk_config(&mut s.fe)[cfg::WRITEBACK],
         0,
         "GET_CONFIG must reflect writeback=0 (write-through)"
     );
@@ -875,7 +547,7 @@ fn run(setup: MemSetup, engine: &str) {
         .expect("SET_CONFIG of writeback=0 must be accepted");
 
     // Step 5: GET_VRING_BASE stops the ring and reports where the device got to.
-    let submitted = s.ring.next_avail;
+    let submitted = s.ring.next_avail();
     let base = s.fe.get_vring_base(s.ring.queue).expect("GET_VRING_BASE");
     assert_eq!(
         base,

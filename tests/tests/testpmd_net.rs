@@ -9,13 +9,11 @@
 //! So no check depends on timing, and a zero is a real zero.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e::bin;
 use e2e::testpmd::{self, Testpmd, BROADCAST};
+use e2e::vswitch::{get, Counters, Switch};
 
 /// How long each burst lasts: many thousand frames even on a busy 2-core machine.
 const BURST: Duration = Duration::from_millis(700);
@@ -34,193 +32,44 @@ const INGRESS: [&str; 7] = [
     "drop_storm",
 ];
 
-/// One port of the switch under test: its name and the rest of its `[[port]]` table.
-type PortDef = (&'static str, &'static str);
-
-type Counters = HashMap<String, u64>;
-
-/// A vswitch in a temp dir, its log in a file (printed if the test fails).
-struct Switch {
-    child: Child,
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Switch {
-    fn start(ports: &[PortDef]) -> Switch {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = format!(
-            "[switch]\ncontrol_socket = \"{}\"\n",
-            dir.path().join("ctl.sock").display()
-        );
-        for (name, keys) in ports {
-            let socket = dir.path().join(format!("{name}.sock"));
-            let socket = socket.display();
-            write!(
-                config,
-                "\n[[port]]\nname = \"{name}\"\nsocket = \"{socket}\"\n{keys}\n"
-            )
-            .expect("format");
-        }
-        let config_path = dir.path().join("switch.toml");
-        std::fs::write(&config_path, &config).expect("write the config");
-        let log = dir.path().join("vswitch.log");
-        let child = Command::new(bin("vswitch"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create the log"))
-            .spawn()
-            .expect("spawn vswitch");
-        let mut switch = Switch { child, dir, log };
-        // Wait for the socket files rather than connect: a probe would be a session.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut paths: Vec<PathBuf> = ports.iter().map(|(n, _)| switch.socket(n)).collect();
-        paths.push(switch.dir.path().join("ctl.sock"));
-        for path in paths {
-            while !path.exists() {
-                if let Ok(Some(status)) = switch.child.try_wait() {
-                    panic!("vswitch exited with {status}:\n{}", switch.log());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "vswitch did not create {} within 20 s:\n{}",
-                    path.display(),
-                    switch.log()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        switch
-    }
-
-    fn socket(&self, port: &str) -> PathBuf {
-        self.dir.path().join(format!("{port}.sock"))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `vswitch ctl --socket ... ARGS`, its output.
-    fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new(bin("vswitch"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(self.dir.path().join("ctl.sock"))
-            .args(args)
-            .output()
-            .expect("run vswitch ctl");
+/// Wait until the switch has accounted for all `sent` frames `port`'s driver has sent
+/// (see [`INGRESS`]); then every port's counters.
+fn wait_ingress(switch: &Switch, port: &str, sent: u64) -> HashMap<String, Counters> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let all = switch.stats();
+        let c = &all[port];
+        let seen: u64 = INGRESS.iter().map(|k| get(c, k)).sum();
         assert!(
-            out.status.success(),
-            "vswitch ctl {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            seen <= sent,
+            "the switch accounts for {seen} frames from {port}, whose driver sent {sent}: {c:?}"
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Every port's counters (`vswitch ctl stats`: `NAME:` then `  counter  value` lines).
-    fn stats(&self) -> HashMap<String, Counters> {
-        let text = self.ctl(&["stats"]);
-        let mut all: HashMap<String, Counters> = HashMap::new();
-        let mut port = None;
-        for line in text.lines() {
-            if let Some(name) = line.strip_suffix(':').filter(|_| !line.starts_with(' ')) {
-                port = Some(name.to_string());
-                all.entry(name.to_string()).or_default();
-            } else if let (Some(p), Some((k, v))) = (&port, line.trim().split_once(' ')) {
-                let v = v
-                    .trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("ctl stats: {line:?}"));
-                all.entry(p.clone()).or_default().insert(k.to_string(), v);
-            }
+        if seen == sent {
+            return all;
         }
-        all
-    }
-
-    /// Wait until the switch has accounted for all `sent` frames `port`'s driver has sent
-    /// (see [`INGRESS`]); then every port's counters.
-    fn wait_ingress(&self, port: &str, sent: u64) -> HashMap<String, Counters> {
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let all = self.stats();
-            let c = &all[port];
-            let seen: u64 = INGRESS.iter().map(|k| get(c, k)).sum();
-            assert!(
-                seen <= sent,
-                "the switch accounts for {seen} frames from {port}, whose driver sent {sent}: {c:?}"
-            );
-            if seen == sent {
-                return all;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "after {SETTLE:?} the switch accounts for only {seen} of the {sent} frames \
-                 {port}'s driver sent: {c:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The learned addresses of `port`, as `vlan mac` strings.
-    fn fdb_of(&self, port: &str) -> Vec<String> {
-        let text = self.ctl(&["fdb"]);
-        let mut macs: Vec<String> = text
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                (w.len() >= 3 && w[2] == port).then(|| format!("{} {}", w[0], w[1]))
-            })
-            .collect();
-        macs.sort();
-        macs
-    }
-
-    fn stop(mut self) {
-        // SAFETY: kill() on a child we own, with a valid signal; no memory is involved.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(
-                    status.success(),
-                    "vswitch exit status {status}\n{}",
-                    self.log()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "vswitch ignored SIGTERM\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            Instant::now() < deadline,
+            "after {SETTLE:?} the switch accounts for only {seen} of the {sent} frames \
+             {port}'s driver sent: {c:?}\n{}",
+            switch.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-impl Drop for Switch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- vswitch log ---\n{}\n---", self.log());
-        }
-    }
-}
-
-fn get(c: &Counters, key: &str) -> u64 {
-    c.get(key).copied().unwrap_or(0)
+/// The learned addresses of `port`, as `vlan mac` strings.
+fn fdb_of(switch: &Switch, port: &str) -> Vec<String> {
+    let text = switch.ctl(&["fdb"]);
+    let mut macs: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && w[2] == port).then(|| format!("{} {}", w[0], w[1]))
+        })
+        .collect();
+    macs.sort();
+    macs
 }
 
 /// `key` of `port`, now minus before.
@@ -319,7 +168,7 @@ fn broadcast_flood_stays_in_its_vlan() {
             "only {from} should have sent"
         );
         sent[port] = t[port].tx_packets;
-        let now = switch.wait_ingress(from, sent[port]);
+        let now = wait_ingress(&switch, from, sent[port]);
         let grew = |p: &str, k: &str| grew(&now, &before, p, k);
         assert_eq!(grew(from, "rx_packets"), burst, "{from}: {:?}", now[from]);
         // Flooded to exactly the other port of its VLAN: into its ring or dropped there
@@ -384,7 +233,7 @@ fn anti_spoof_passes_only_the_port_mac() {
     tx.run_for(BURST);
     let spoofed = tx.stats()[0].tx_packets;
     assert!(spoofed > 0, "the sender sent nothing");
-    let now = switch.wait_ingress("vm", spoofed);
+    let now = wait_ingress(&switch, "vm", spoofed);
     assert_eq!(
         grew(&now, &before, "vm", "drop_spoof"),
         spoofed,
@@ -401,7 +250,7 @@ fn anti_spoof_passes_only_the_port_mac() {
     }
     assert_eq!(rx.stats()[0].rx_packets, 0, "peer received spoofed frames");
     assert_eq!(
-        switch.fdb_of("vm"),
+        fdb_of(&switch, "vm"),
         Vec::<String>::new(),
         "a spoofed MAC was learned"
     );
@@ -412,7 +261,7 @@ fn anti_spoof_passes_only_the_port_mac() {
     tx.run_for(BURST);
     let own = tx.stats()[0].tx_packets - spoofed;
     assert!(own > 0, "the sender sent nothing from {OWN}");
-    let now = switch.wait_ingress("vm", spoofed + own);
+    let now = wait_ingress(&switch, "vm", spoofed + own);
     assert_eq!(
         grew(&now, &before, "vm", "rx_packets"),
         own,
@@ -431,7 +280,7 @@ fn anti_spoof_passes_only_the_port_mac() {
         "peer got none of the {own} frames from {OWN}"
     );
     let received = wait_rx(&mut rx, 0, delivered);
-    assert_eq!(switch.fdb_of("vm"), [format!("10 {OWN}")]);
+    assert_eq!(fdb_of(&switch, "vm"), [format!("10 {OWN}")]);
     tx.quit();
     rx.quit();
     switch.stop();
@@ -474,7 +323,7 @@ fn mac_limit_drops_frames_from_new_macs() {
         let burst = tx.stats()[0].tx_packets - sent;
         sent += burst;
         assert!(burst > 0, "step {i}: nothing sent from {mac}");
-        let now = switch.wait_ingress("vm", sent);
+        let now = wait_ingress(&switch, "vm", sent);
         let grew = |p: &str, k: &str| grew(&now, &before, p, k);
         let delivered = grew("peer", "tx_packets");
         if allowed {
@@ -513,7 +362,7 @@ fn mac_limit_drops_frames_from_new_macs() {
     }
     let mut learned = vec![format!("10 {m1}"), format!("10 {m2}")];
     learned.sort();
-    assert_eq!(switch.fdb_of("vm"), learned, "vm's learned MACs");
+    assert_eq!(fdb_of(&switch, "vm"), learned, "vm's learned MACs");
     tx.quit();
     rx.quit();
     switch.stop();
@@ -575,7 +424,7 @@ fn tx_rate_limit(bps: u64) {
     // Everything the switch took from the sender went to the receiver's ring, or was
     // counted there when that ring was full (the receiving testpmd shares a core).
     let sent = b_tx.stats()[0].tx_packets;
-    let all = switch.wait_ingress("a", sent);
+    let all = wait_ingress(&switch, "a", sent);
     let delivered = get(&all["b"], "tx_packets");
     assert_eq!(
         delivered + get(&all["b"], "drop_no_rx_buffer"),
@@ -619,7 +468,7 @@ fn storm_control_caps_broadcast() {
     tx.stop();
     let elapsed = t0.elapsed().as_secs_f64();
     let sent = tx.stats()[0].tx_packets;
-    let now = switch.wait_ingress("a", sent);
+    let now = wait_ingress(&switch, "a", sent);
     let passed = grew(&now, &before, "a", "rx_packets");
     let dropped = grew(&now, &before, "a", "drop_storm");
     // 1000 pps for the time the sender ran, plus the bucket's 32-packet allowance.
