@@ -1192,7 +1192,6 @@ fn reconnect_while_others_forward() {
 ///    pass received packets that exceed mtu (plus low level ethernet header length) size").
 ///    The trunk c has MTU 9000, d has 1400 and a 1500.
 #[test]
-#[ignore = "vswitch bug: frames over the destination port's MTU are delivered (no egress MTU check in Switch::deliver)"]
 fn egress_respects_destination_mtu() {
     let mut lab = Lab::start([64, 32, 32, 32]);
     // Exactly d's MTU: delivered.
@@ -1215,9 +1214,6 @@ fn egress_respects_destination_mtu() {
 ///    next chains, with num_buffers counting only those, on a port with MRG_RXBUF (b) and
 ///    on one without (d).
 #[test]
-#[ignore = "vswitch bug: Switch::deliver counts a malformed receive chain among a frame's buffers \
-            (num_buffers 2, header in the second); without MRG_RXBUF it never returns it and \
-            the port drops every frame after it"]
 fn malformed_receive_chain_is_returned_alone() {
     let mut lab = Lab::start([32, 0, 32, 0]);
     for (port, sender, frame) in [
