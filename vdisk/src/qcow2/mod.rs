@@ -283,10 +283,16 @@ impl Qcow2 {
             header,
             io,
         };
+        let l1_range = (l1_off, l1_bytes.next_multiple_of(cs));
         for i in 0..img.l1.len() {
             let off = img.l1[i] & OFFSET_MASK;
             if off != 0 {
                 img.check_table_offset(off, &format!("L2 table of L1 entry {i}"))?;
+                if overlaps((off, cs), rt) || overlaps((off, cs), l1_range) {
+                    return Err(img.io.corrupt(format!(
+                        "L2 table of L1 entry {i} at {off:#x} overlaps the L1 or refcount table"
+                    )));
+                }
             }
         }
         img.backing = backing::open(path, &img.header, seen)?.map(Box::new);
