@@ -189,7 +189,18 @@ impl Qcow2 {
             .iter()
             .map(|s| self.read_l1_at(s.l1_table_offset, s.l1_size))
             .collect::<Result<_>>()?;
-        let covered = self.rc.covered_clusters().max(file_clusters);
+        // Clusters to compare: the file's, and those past its end that an existing
+        // refcount block describes (a stored refcount there is a leak).
+        let per_block_bits = self.cluster_bits - 1;
+        let mut beyond: Vec<std::ops::Range<u64>> = Vec::new();
+        for (i, &b) in self.rc.table().iter().enumerate() {
+            let start = (i as u64) << per_block_bits;
+            let end = start + (1 << per_block_bits);
+            if b != 0 && end > file_clusters {
+                beyond.push(start.max(file_clusters)..end);
+            }
+        }
+        let covered = file_clusters + beyond.iter().map(|r| r.end - r.start).sum::<u64>();
         let total =
             self.l1.len() as u64 + snap_l1s.iter().map(|l| l.len() as u64).sum::<u64>() + covered;
         let mut done = 0u64;
@@ -242,7 +253,7 @@ impl Qcow2 {
         report.referenced_clusters = t.counts.iter().filter(|&&c| c > 0).count() as u64;
         report.unrepaired = t.corruptions.len() as u64;
         let mut freed = Vec::new();
-        for c in 0..covered {
+        for c in (0..file_clusters).chain(beyond.into_iter().flatten()) {
             done += 1;
             if c % 4096 == 0 {
                 progress(done, total);

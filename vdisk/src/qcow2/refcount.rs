@@ -118,11 +118,6 @@ impl Refcounts {
         &self.table
     }
 
-    /// Number of clusters the current table can describe.
-    pub fn covered_clusters(&self) -> u64 {
-        (self.table.len() as u64) << self.block_bits()
-    }
-
     fn load_block(&mut self, io: &mut ImageFile, offset: u64) -> Result<()> {
         if self.cache.contains(offset) {
             return Ok(());
