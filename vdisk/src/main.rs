@@ -4,15 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod backend;
-mod config;
-mod device;
-mod engine;
-mod image;
-mod queue;
-mod request;
-mod serve;
-mod stats;
+use vdisk::{cli, config, serve};
 
 #[derive(Parser)]
 #[command(version, about = "vhost-user-blk daemon: serves disk images to VMs")]
@@ -25,6 +17,12 @@ struct Cli {
 enum Cmd {
     /// Serve an image as a vhost-user-blk device on a unix socket.
     Serve(config::ServeArgs),
+    /// Create, inspect and check qcow2 images (offline).
+    #[command(subcommand)]
+    Image(cli::image::ImageCmd),
+    /// Internal snapshots of a qcow2 image (offline).
+    #[command(subcommand)]
+    Snapshot(cli::image::SnapshotCmd),
 }
 
 fn main() -> ExitCode {
@@ -33,10 +31,13 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Serve(args) => config::ServeConfig::try_from(args)
             .map_err(|e| e.to_string())
-            .and_then(|cfg| serve::run(cfg).map_err(|e| e.to_string())),
+            .and_then(|cfg| serve::run(cfg).map_err(|e| e.to_string()))
+            .map(|()| ExitCode::SUCCESS),
+        Cmd::Image(cmd) => cli::image::run_image(cmd),
+        Cmd::Snapshot(cmd) => cli::image::run_snapshot(cmd),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("vdisk: {e}");

@@ -1,0 +1,3 @@
+//! Offline command-line tools: `vdisk image ...` and `vdisk snapshot ...`.
+
+pub mod image;
