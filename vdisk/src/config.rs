@@ -7,6 +7,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::engine::EngineKind;
+use crate::image::FormatKind;
 use crate::request::ID_BYTES;
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -20,12 +21,19 @@ pub struct ServeArgs {
     /// TOML file with a [serve] table; command-line options override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Raw image: a regular file or a block device.
+    /// The image: a regular file or a block device, raw or qcow2.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// The image's format. `auto` reads the file's first bytes: pin `raw` for an image a
+    /// guest could have written a qcow2 header into [default: auto].
+    #[arg(long, value_enum)]
+    pub format: Option<FormatKind>,
     /// Unix socket to listen on for the vhost-user frontend.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Unix socket for `vdisk ctl` [default: the --socket path with `.ctl` appended].
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
     /// Export read-only (VIRTIO_BLK_F_RO).
     #[arg(long)]
     pub readonly: bool,
@@ -55,7 +63,9 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileServe {
     image: Option<PathBuf>,
+    format: Option<FormatKind>,
     socket: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
     readonly: Option<bool>,
     num_queues: Option<u16>,
     queue_size: Option<u16>,
@@ -75,7 +85,9 @@ struct FileConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     pub image: PathBuf,
+    pub format: FormatKind,
     pub socket: PathBuf,
+    pub control_socket: PathBuf,
     pub readonly: bool,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -114,6 +126,13 @@ fn load_file(path: &Path) -> Result<FileServe, ConfigError> {
         message: e.to_string(),
     })?;
     Ok(parsed.serve)
+}
+
+/// `SOCKET.ctl` next to the vhost-user socket.
+pub fn default_control_socket(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".ctl");
+    PathBuf::from(s)
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -170,9 +189,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 why: "must be at most 1000",
             });
         }
+        let control_socket = args
+            .control_socket
+            .or(file.control_socket)
+            .unwrap_or_else(|| default_control_socket(&socket));
         Ok(ServeConfig {
             image,
+            format: args.format.or(file.format).unwrap_or(FormatKind::Auto),
             socket,
+            control_socket,
             readonly: args.readonly || file.readonly.unwrap_or(false),
             num_queues,
             queue_size,
@@ -203,6 +228,8 @@ mod tests {
         assert_eq!(c.queue_size, 256);
         assert_eq!(c.engine, EngineKind::IoUring);
         assert_eq!(c.serial, "vdisk");
+        assert_eq!(c.format, FormatKind::Auto);
+        assert_eq!(c.control_socket, PathBuf::from("s.sock.ctl"));
         assert!(!c.readonly && !c.direct);
     }
 

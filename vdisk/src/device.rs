@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::image::RawImage;
+use crate::image::{Format, RawImage};
 use crate::request::{Limits, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::stats::Stats;
 
@@ -42,7 +42,10 @@ mod cfg {
 }
 
 pub struct Device {
+    /// The image file, which the engines read and write.
     pub image: Arc<RawImage>,
+    /// Where guest offsets live in it.
+    pub format: Format,
     pub limits: Limits,
     pub stats: Stats,
     /// Write-back cache on (the default) or write-through, as the guest set CONFIG_WCE.
@@ -58,6 +61,7 @@ pub struct Device {
 impl Device {
     pub fn new(
         image: Arc<RawImage>,
+        format: Format,
         num_queues: u16,
         queue_size: u16,
         serial: &str,
@@ -66,8 +70,12 @@ impl Device {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let size = match &format {
+            Format::Raw => image.size(),
+            Format::Qcow2(q) => crate::translate::lock(q).virtual_size(),
+        };
         let limits = Limits {
-            capacity_sectors: image.size() >> SECTOR_SHIFT,
+            capacity_sectors: size >> SECTOR_SHIFT,
             read_only: image.read_only(),
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
@@ -76,6 +84,7 @@ impl Device {
         };
         Device {
             image,
+            format,
             limits,
             stats: Stats::default(),
             writeback: AtomicBool::new(true),
@@ -84,6 +93,15 @@ impl Device {
             num_queues,
             queue_size,
             poll,
+        }
+    }
+
+    /// Make everything completed so far durable: the file's data, and for qcow2 its
+    /// metadata (which stays in write-back caches until then).
+    pub fn flush(&self) -> Result<(), String> {
+        match &self.format {
+            Format::Raw => self.image.sync().map_err(|e| e.to_string()),
+            Format::Qcow2(q) => crate::translate::flush(q).map_err(|e| e.to_string()),
         }
     }
 

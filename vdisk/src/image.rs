@@ -1,4 +1,5 @@
-//! Raw images: a regular file or a block device, addressed byte for byte.
+//! Images: the file (a regular file or a block device) and its format, raw (addressed
+//! byte for byte) or qcow2.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -16,6 +17,43 @@ pub enum ImageError {
     NotAFileOrDevice { path: PathBuf },
     #[error("image {path} is smaller than one 512-byte sector")]
     TooSmall { path: PathBuf },
+}
+
+/// How guest offsets map to the image file.
+pub enum Format {
+    /// Guest offset = file offset.
+    Raw,
+    /// qcow2: its metadata, shared by the queue threads. Data moves between the file and
+    /// guest memory through each queue's engine (reads) or inline (see `translate`).
+    Qcow2(Box<std::sync::Mutex<crate::qcow2::Qcow2>>),
+}
+
+/// What `--format` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FormatKind {
+    /// qcow2 if the file starts with the qcow2 magic, else raw.
+    Auto,
+    Raw,
+    Qcow2,
+}
+
+/// Whether the file at `path` starts with the qcow2 magic.
+pub fn looks_like_qcow2(path: &Path) -> Result<bool, ImageError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = File::open(path).map_err(|source| ImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(magic == crate::qcow2::MAGIC),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(source) => Err(ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 #[derive(Debug)]

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod device;
 pub mod engine;
 pub mod image;
@@ -14,3 +15,4 @@ pub mod queue;
 pub mod request;
 pub mod serve;
 pub mod stats;
+pub mod translate;

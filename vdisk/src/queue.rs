@@ -14,7 +14,10 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use crate::device::Device;
 use crate::engine::{Completion, Engine, Op};
+use crate::image::Format;
+use crate::qcow2::Qcow2;
 use crate::request::{self, Kind, Range, Rejected, Request, Scratch, ID_BYTES};
+use crate::translate::{self, FileRead};
 use common::counters::{bump, should_log};
 
 type Mem = GuestMemoryMmap<()>;
@@ -29,6 +32,10 @@ struct InFlight {
     error: Option<i32>,
     kind: Kind,
     iovecs: Vec<libc::iovec>,
+    /// qcow2 reads: the file reads of the data extents (the completion tag's high half
+    /// indexes them) and their iovecs, slices of `iovecs`.
+    reads: Vec<FileRead>,
+    split: Vec<libc::iovec>,
     /// Keeps the guest mapping the iovecs point into alive until the I/O is done, even
     /// if the frontend replaces the memory table meanwhile.
     mem: Arc<Mem>,
@@ -378,8 +385,14 @@ impl QueueWorker {
             error: None,
             kind,
             iovecs,
+            reads: Vec::new(),
+            split: Vec::new(),
             mem: mem.clone(),
         });
+        if let Format::Qcow2(image) = &dev.format {
+            self.start_qcow2(tag, image, dev);
+            return;
+        }
         let dsync = !dev.writeback.load(Ordering::Relaxed);
         let Some(slot) = self.slots[tag as usize].as_mut() else {
             return;
@@ -448,6 +461,61 @@ impl QueueWorker {
         }
     }
 
+    /// A request on a qcow2 image: reads go to the engine extent by extent, the rest runs
+    /// inline (see `translate`).
+    fn start_qcow2(&mut self, tag: u32, image: &std::sync::Mutex<Qcow2>, dev: &Device) {
+        let Some(slot) = self.slots[tag as usize].as_mut() else {
+            return;
+        };
+        let dsync = !dev.writeback.load(Ordering::Relaxed);
+        let result = match &slot.kind {
+            Kind::Read { offset, .. } => translate::plan_read(
+                image,
+                *offset,
+                &slot.iovecs,
+                &mut slot.split,
+                &mut slot.reads,
+            ),
+            Kind::Write { offset, .. } => translate::write(image, *offset, &slot.iovecs, dsync),
+            Kind::Flush => translate::flush(image),
+            Kind::Discard(ranges) => translate::zero_ranges(image, ranges, false, false),
+            Kind::WriteZeroes { ranges, unmap } => {
+                translate::zero_ranges(image, ranges, true, *unmap)
+            }
+            Kind::GetId => Ok(()),
+        };
+        if let Err(e) = result {
+            let n = bump(&dev.stats.err_image, 1);
+            if should_log(n) {
+                warn!(queue = self.index, count = n, "{:?} failed: {e}", slot.kind);
+            }
+            slot.error = Some(e.errno());
+        }
+        let mut queued = 0u32;
+        if slot.error.is_none() {
+            for (i, r) in slot.reads.iter().enumerate() {
+                let op = Op::Read {
+                    offset: r.host_offset,
+                    iovecs: &slot.split[r.iov.clone()],
+                };
+                // SAFETY: as in `start`: `split` lives in the slot, unmodified, until the
+                // last completion for this tag, and the slot holds the guest mapping.
+                match unsafe { self.engine.queue(u64::from(tag) | (i as u64) << 32, op) } {
+                    Ok(()) => queued += 1,
+                    Err(e) => {
+                        warn!(queue = self.index, "cannot queue I/O: {e}");
+                        slot.error = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                        break;
+                    }
+                }
+            }
+        }
+        slot.pending = queued;
+        if queued == 0 {
+            self.finish(tag, dev, true);
+        }
+    }
+
     fn complete_get_id(&mut self, req: Request, mem: &Mem, dev: &Device) {
         let mut src: &[u8] = &dev.serial[..ID_BYTES];
         for v in &req.iovecs {
@@ -481,7 +549,9 @@ impl QueueWorker {
     }
 
     fn on_completion(&mut self, c: Completion, dev: &Device, write_status: bool) {
-        let Some(Some(slot)) = self.slots.get_mut(c.tag as usize) else {
+        // The low half is the slot; the high half the file read of a qcow2 request.
+        let (tag, part) = (c.tag as u32, (c.tag >> 32) as usize);
+        let Some(Some(slot)) = self.slots.get_mut(tag as usize) else {
             warn!(
                 queue = self.index,
                 tag = c.tag,
@@ -492,6 +562,18 @@ impl QueueWorker {
         slot.pending = slot.pending.saturating_sub(1);
         if c.result < 0 {
             slot.error.get_or_insert(-c.result);
+        } else if let Some(read) = slot.reads.get(part) {
+            if (c.result as u64) < read.len {
+                let r = translate::finish_short_read(
+                    dev.image.raw_fd(),
+                    read,
+                    &slot.split,
+                    c.result as usize,
+                );
+                if r < 0 {
+                    slot.error.get_or_insert(-r);
+                }
+            }
         } else if let Kind::Read { offset, len } | Kind::Write { offset, len } = slot.kind {
             // A short transfer (the kernel may stop early): finish it synchronously.
             if (c.result as u64) < len {
@@ -511,7 +593,7 @@ impl QueueWorker {
             }
         }
         if slot.pending == 0 {
-            self.finish(c.tag as u32, dev, write_status);
+            self.finish(tag, dev, write_status);
         }
     }
 
@@ -624,6 +706,7 @@ mod tests {
         let image = RawImage::open(file.path(), read_only, false).expect("open image");
         let dev = Device::new(
             Arc::new(image),
+            Format::Raw,
             1,
             QSIZE,
             "unit-serial",

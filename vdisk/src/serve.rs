@@ -1,6 +1,6 @@
 //! `vdisk serve`: open the image, claim the socket, serve frontends until a signal.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use common::server::{serve_forever, SessionHooks};
 use tracing::{error, info};
@@ -9,18 +9,23 @@ use vhost_user_backend::VhostUserDaemon;
 use crate::backend::BlkBackend;
 use crate::config::ServeConfig;
 use crate::device::Device;
-use crate::image::RawImage;
+use crate::image::{Format, FormatKind, RawImage};
+use crate::qcow2::{OpenOptions, Qcow2};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
+    Qcow2(#[from] crate::qcow2::Qcow2Error),
+    #[error(transparent)]
     Socket(#[from] common::socket::SocketError),
     #[error(transparent)]
     Server(#[from] common::server::ServerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the control socket thread: {0}")]
+    Thread(std::io::Error),
 }
 
 struct Hooks(BlkBackend);
@@ -37,9 +42,24 @@ impl SessionHooks<BlkBackend> for Hooks {
 
 pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let termination = common::shutdown::Termination::install().map_err(ServeError::Signals)?;
+    let qcow2 = match cfg.format {
+        FormatKind::Qcow2 => true,
+        FormatKind::Raw => false,
+        FormatKind::Auto => crate::image::looks_like_qcow2(&cfg.image)?,
+    };
+    let format = if qcow2 {
+        let opts = OpenOptions {
+            read_only: cfg.readonly,
+            ..OpenOptions::default()
+        };
+        Format::Qcow2(Box::new(Mutex::new(Qcow2::open(&cfg.image, &opts)?)))
+    } else {
+        Format::Raw
+    };
     let image = Arc::new(RawImage::open(&cfg.image, cfg.readonly, cfg.direct)?);
     let dev = Device::new(
         image.clone(),
+        format,
         cfg.num_queues,
         cfg.queue_size,
         &cfg.serial,
@@ -47,8 +67,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     );
     let backend = BlkBackend::new(dev, cfg.engine);
     let mut claimed = common::socket::claim(&cfg.socket)?;
+    let control = common::socket::claim(&cfg.control_socket)?;
 
-    let files = claimed.files();
+    let files = [claimed.files(), control.files()];
     let on_signal = backend.clone();
     termination
         .on_signal(move |_| {
@@ -59,7 +80,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                 1
             }
         };
-        files.remove();
+        for f in &files {
+            f.remove();
+        }
         info!("exiting");
         std::process::exit(code);
     })
@@ -67,7 +90,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
 
     info!(
         image = %image.path().display(),
-        size = image.size(),
+        format = if qcow2 { "qcow2" } else { "raw" },
+        size = backend.device().limits.capacity_sectors << crate::request::SECTOR_SHIFT,
         block_device = image.is_block_device(),
         readonly = cfg.readonly,
         direct = cfg.direct,
@@ -79,6 +103,12 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         socket = %cfg.socket.display(),
         "vdisk serving"
     );
+    let ctl_backend = backend.clone();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || crate::ctl::serve(ctl_backend, control))
+        .map_err(ServeError::Thread)?;
+    info!(socket = %cfg.control_socket.display(), "control socket ready");
     let socket = cfg.socket.display().to_string();
     let hooks = Hooks(backend.clone());
     serve_forever("vdisk", &socket, &mut claimed.listener, backend, &hooks)?;

@@ -21,6 +21,7 @@ common::counters!(
         err_read_only,
         err_unsupported,
         err_io,
+        err_image,
         err_config_write,
     }
 );

@@ -63,7 +63,7 @@ use std::path::{Path, PathBuf};
 pub use self::backing::Backing;
 pub use self::check::CheckReport;
 pub use self::error::{Qcow2Error, Result};
-pub use self::header::Header;
+pub use self::header::{Header, MAGIC};
 pub use self::map::{Extent, ExtentKind};
 pub use self::snapshot::Snapshot;
 
@@ -216,6 +216,9 @@ impl Qcow2 {
             .write(!opts.read_only)
             .open(path)
             .map_err(|e| io_err(path, "open", e))?;
+        if !opts.read_only {
+            lock_exclusive(&file, path)?;
+        }
         let io = ImageFile::new(file, path)?;
         let mut start = vec![0u8; io.len().min(104) as usize];
         io.file()
@@ -807,6 +810,26 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+/// One writer per image: a second `vdisk serve`, or an offline snapshot or repair while
+/// a daemon serves the image, would corrupt it. The lock goes with the process, so a
+/// crashed daemon leaves none behind.
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an fd we own, with plain flags.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Qcow2Error::Invalid {
+            path: path.to_path_buf(),
+            what: "the image is open for writing by another process (a running                    `vdisk serve`? use `vdisk ctl` on its control socket)"
+                .to_string(),
+        });
+    }
+    Err(io_err(path, "lock", e))
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
