@@ -540,15 +540,27 @@ impl Qcow2 {
 
     /// Fill the parts of new cluster `new_host` outside `[keep_from, keep_to)` with what
     /// the guest cluster read as before: the old cluster, zeros, or the backing chain.
+    /// A cluster past the end the file had before it was allocated (`fresh`) already
+    /// reads as zeros: when zeros are what it needs, the file is only extended over it,
+    /// which spares the first write of every cluster a cluster-sized write.
     fn cow_fill(
         &mut self,
         guest_cluster: u64,
         old: Entry,
         new_host: u64,
+        fresh: bool,
         keep_from: u64,
         keep_to: u64,
     ) -> Result<()> {
         let cs = self.cluster_size;
+        let reads_as_zeros = match old {
+            Entry::Zero { .. } => true,
+            Entry::Unallocated => self.backing.is_none(),
+            Entry::Data { .. } | Entry::Compressed => false,
+        };
+        if fresh && reads_as_zeros {
+            return self.io.extend_to(new_host + cs);
+        }
         let guest_base = guest_cluster << self.cluster_bits;
         for (a, b) in [(0, keep_from), (keep_to, cs)] {
             if b <= a {
@@ -598,7 +610,7 @@ impl Qcow2 {
                     copied: true,
                 } => {
                     // A preallocated zero cluster of ours: reuse it, zero-filling the rest.
-                    self.cow_fill(gc, entry, h, within, within + n)?;
+                    self.cow_fill(gc, entry, h, false, within, within + n)?;
                     plan.installs.push(Install {
                         guest_cluster: gc,
                         old_entry: raw,
@@ -612,11 +624,14 @@ impl Qcow2 {
                     // land between this write's data clusters.
                     let (l1i, _) = self.split(gc);
                     self.ensure_l2_writable(l1i)?;
+                    // Clusters at or past this offset have never been written.
+                    let end_of_file = self.io.len();
                     let new = self.rc.alloc(&mut self.io, 1)?;
                     if matches!(entry, Entry::Data { .. }) {
                         self.counters.cow_clusters += 1;
                     }
-                    self.cow_fill(gc, entry, new, within, within + n)?;
+                    let fresh = new >= end_of_file;
+                    self.cow_fill(gc, entry, new, fresh, within, within + n)?;
                     plan.installs.push(Install {
                         guest_cluster: gc,
                         old_entry: raw,
