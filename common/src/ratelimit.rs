@@ -422,6 +422,12 @@ impl<C: Clock> TokenBucket<C> {
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX).saturating_add(behind))
     }
 
+    /// Whether a request for `n` would pass now (the bucket refilled up to date).
+    fn has_room(&self, n: u64) -> bool {
+        let (from_regular, must_hold) = self.requirement(n);
+        from_regular == 0 || self.credit >= must_hold
+    }
+
     fn reduce_at(&mut self, n: u64, now: u64) -> Reduce {
         if n == 0 {
             return Reduce::Success;
@@ -517,9 +523,18 @@ impl<C: Clock + Clone> RateLimiter<C> {
         if self.is_unlimited() {
             return Ok(());
         }
-        let wait = self.time_until_at(bytes, ops, now);
-        if !wait.is_zero() {
-            return Err(wait);
+        // Bringing a bucket up to `now` changes no outcome, and within a batch (one
+        // reading) only the first call does it: the rest is a compare and a subtract.
+        if let Some(b) = self.bytes.as_mut() {
+            b.refill(now);
+        }
+        if let Some(o) = self.ops.as_mut() {
+            o.refill(now);
+        }
+        let room = self.bytes.as_ref().is_none_or(|b| b.has_room(bytes))
+            && self.ops.as_ref().is_none_or(|o| o.has_room(ops));
+        if !room {
+            return Err(self.time_until_at(bytes, ops, now));
         }
         // Both buckets were checked at `now`, so neither can refuse.
         if let Some(b) = self.bytes.as_mut() {

@@ -87,15 +87,13 @@ pub fn plan(frame: &[HostRange], egress: Egress, prefix: Piece, out: &mut Vec<Pi
     out[first..].iter().map(Piece::len).sum()
 }
 
-/// Copy `pieces` into `dest` in order; returns the bytes written into each destination
-/// range (the caller sized `dest` to hold everything).
+/// Copy `pieces` into `dest` in order, filling each destination range before the next
+/// (the caller sized `dest` to hold everything).
 ///
 /// # Safety
 /// Every range in `pieces` and `dest` must be valid host memory for its length for the
 /// duration of the call.
-pub unsafe fn copy(pieces: &[Piece], dest: &[HostRange], written: &mut Vec<usize>) {
-    written.clear();
-    written.resize(dest.len(), 0);
+pub unsafe fn copy(pieces: &[Piece], dest: &[HostRange]) {
     let mut d = 0usize;
     let mut d_off = 0usize;
     for p in pieces {
@@ -113,7 +111,6 @@ pub unsafe fn copy(pieces: &[Piece], dest: &[HostRange], written: &mut Vec<usize
             src = unsafe { src.add(n) };
             left -= n;
             d_off += n;
-            written[d] += n;
             if d_off == dest[d].len {
                 d += 1;
                 d_off = 0;
@@ -150,15 +147,14 @@ mod tests {
                 len: v.len(),
             })
             .collect();
-        let mut written = Vec::new();
         // SAFETY: all ranges are live Vecs owned by this test.
-        unsafe { copy(&pieces, &dest, &mut written) };
-        assert_eq!(written.iter().sum::<usize>(), total);
-        let mut out = Vec::new();
-        for (b, n) in bufs.iter().zip(&written) {
-            out.extend_from_slice(&b[..*n]);
-        }
-        out
+        unsafe { copy(&pieces, &dest) };
+        let out: Vec<u8> = bufs.concat();
+        assert!(
+            out[total..].iter().all(|&b| b == 0xaa),
+            "nothing past the frame"
+        );
+        out[..total].to_vec()
     }
 
     fn frame(tag: Option<u16>) -> Vec<u8> {

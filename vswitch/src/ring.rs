@@ -36,6 +36,8 @@ fn area_len(size: u16, entry: usize) -> usize {
 pub enum RingError {
     #[error("the queue is not ready")]
     NotReady,
+    #[error("a queue size of {0}, not a power of two")]
+    Size(u16),
     #[error("the {0} lies outside guest memory or is misaligned")]
     Area(&'static str),
     #[error("the avail index is {ahead} entries ahead of the device, on a ring of {size}")]
@@ -67,6 +69,9 @@ pub struct Ring<'m> {
     avail: *const u8,
     used: *mut u8,
     size: u16,
+    /// size - 1: split ring sizes are powers of two (the queue refuses others), so a
+    /// free-running index wraps with a mask instead of a division.
+    mask: u16,
 }
 
 impl<'m> Ring<'m> {
@@ -77,9 +82,12 @@ impl<'m> Ring<'m> {
             return Err(RingError::NotReady);
         }
         let size = queue.size();
+        if !size.is_power_of_two() {
+            return Err(RingError::Size(size));
+        }
         let area = |addr: u64, len: usize, align: usize, what| {
             host_range(mem, GuestAddress(addr), len)
-                .filter(|r| (r.ptr as usize).is_multiple_of(align) && size > 0)
+                .filter(|r| (r.ptr as usize).is_multiple_of(align))
                 .map(|r| r.ptr)
                 .ok_or(RingError::Area(what))
         };
@@ -94,6 +102,7 @@ impl<'m> Ring<'m> {
             avail: area(queue.avail_ring(), area_len(size, 2), 2, "avail ring")?,
             used: area(queue.used_ring(), area_len(size, 8), 4, "used ring")?,
             size,
+            mask: size - 1,
         })
     }
 
@@ -123,7 +132,7 @@ impl<'m> Ring<'m> {
 
     /// The head of the chain at avail position `at` (free-running).
     pub fn head(&self, at: u16) -> u16 {
-        let slot = usize::from(at % self.size);
+        let slot = usize::from(at & self.mask);
         u16::from_le(self.avail_u16(4 + 2 * slot).load(Ordering::Relaxed))
     }
 
@@ -210,7 +219,7 @@ impl<'m> Ring<'m> {
     /// Write a used element at used position `at` (free-running). The driver sees it only
     /// once `publish` moves the used index past it.
     pub fn put_used(&self, at: u16, head: u16, len: u32) {
-        let slot = usize::from(at % self.size);
+        let slot = usize::from(at & self.mask);
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());

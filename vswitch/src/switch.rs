@@ -88,7 +88,6 @@ pub struct Scratch {
     chains: Vec<(u16, usize)>,
     /// Receive chains that cannot hold a frame, returned empty.
     bad: Vec<u16>,
-    written: Vec<usize>,
 }
 
 // SAFETY: the host pointers in `pieces` and `dest` are only dereferenced during the
@@ -364,10 +363,9 @@ impl Switch {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
         }];
-        let mut written = Vec::new();
         // SAFETY: the source ranges are the sender's validated guest memory, held by the
         // caller; the destination is `buf`, alive for the call.
-        unsafe { copy::copy(&pieces, &dest, &mut written) };
+        unsafe { copy::copy(&pieces, &dest) };
         let replies = match service.1.lock() {
             Ok(mut sv) => sv.input(buf),
             Err(p) => p.into_inner().input(buf),
@@ -578,10 +576,13 @@ impl Switch {
             let dest = &s.dest[plan.dest.clone()];
             // SAFETY: the source ranges were validated against the sender's memory, which
             // its caller holds; the destination ranges against `view`, held here.
-            unsafe { copy::copy(&s.pieces[plan.pieces.clone()], dest, &mut s.written) };
-            let mut k = 0usize;
+            unsafe { copy::copy(&s.pieces[plan.pieces.clone()], dest) };
+            // The copy fills the chains in order: each holds its capacity, the last the rest.
+            let (mut k, mut left) = (0usize, plan.total);
             for &(head, nseg) in &s.chains[plan.chains.clone()] {
-                let len: usize = s.written[k..k + nseg].iter().sum();
+                let capacity: usize = dest[k..k + nseg].iter().map(|r| r.len).sum();
+                let len = capacity.min(left);
+                left -= len;
                 k += nseg;
                 if head < queue.size() {
                     ring.put_used(used, head, len as u32);
