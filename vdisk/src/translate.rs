@@ -151,33 +151,9 @@ pub fn plan_read(
 /// Finish a file read the engine cut short after `got` bytes: read on, and zero what
 /// lies past the end of the file (the tail of a cluster allocated at the end).
 pub fn finish_short_read(fd: i32, read: &FileRead, iovecs: &[libc::iovec], got: usize) -> i32 {
-    let mut rest = crate::engine::advance(&iovecs[read.iov.clone()], got);
-    let mut pos = read.host_offset + got as u64;
-    while !rest.is_empty() {
-        // SAFETY: `rest` describes guest memory the caller keeps mapped for the request.
-        let n = unsafe {
-            libc::preadv(
-                fd,
-                rest.as_ptr(),
-                rest.len() as libc::c_int,
-                pos as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return -err.raw_os_error().unwrap_or(libc::EIO);
-        }
-        if n == 0 {
-            fill_iovecs(&rest, None);
-            break;
-        }
-        pos += n as u64;
-        rest = crate::engine::advance(&rest, n as usize);
-    }
-    0
+    let rest = crate::engine::advance(&iovecs[read.iov.clone()], got);
+    let r = crate::engine::blocking_read_zeros_past_eof(fd, read.host_offset + got as u64, &rest);
+    r.min(0)
 }
 
 /// Write `iovecs` at guest `offset`: allocate (with copy-on-write) what needs it, write the

@@ -153,6 +153,23 @@ pub(crate) fn blocking_rw(
     iovecs: &[libc::iovec],
     dsync: bool,
 ) -> i32 {
+    transfer(fd, write, offset, iovecs, dsync, false)
+}
+
+/// Blocking read of `iovecs` at `offset` where the file may end early: what lies past its
+/// end reads as zeros (the tail of a qcow2 cluster allocated at the end of the file).
+pub(crate) fn blocking_read_zeros_past_eof(fd: RawFd, offset: u64, iovecs: &[libc::iovec]) -> i32 {
+    transfer(fd, false, offset, iovecs, false, true)
+}
+
+fn transfer(
+    fd: RawFd,
+    write: bool,
+    offset: u64,
+    iovecs: &[libc::iovec],
+    dsync: bool,
+    zeros_past_eof: bool,
+) -> i32 {
     let total: usize = iovecs.iter().map(|v| v.iov_len).sum();
     let mut done = 0usize;
     let mut iov: Vec<libc::iovec> = iovecs.to_vec();
@@ -187,8 +204,16 @@ pub(crate) fn blocking_rw(
             return -err.raw_os_error().unwrap_or(libc::EIO);
         }
         if n == 0 {
-            // End of file before the request was satisfied: the image shrank under us.
-            return -libc::EIO;
+            if !zeros_past_eof || write {
+                // End of file before the request was satisfied: the image shrank under us.
+                return -libc::EIO;
+            }
+            for v in &iov {
+                // SAFETY: as for the read above: memory the caller guarantees is valid.
+                unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+            }
+            done = total;
+            break;
         }
         done += n as usize;
         iov = advance(&iov, n as usize);
@@ -237,4 +262,34 @@ pub(crate) fn advance(iovecs: &[libc::iovec], mut n: usize) -> Vec<libc::iovec> 
         n = 0;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn reads_past_the_end_of_the_file() {
+        let mut f = tempfile::tempfile().expect("temp file");
+        std::io::Write::write_all(&mut f, &[7u8; 100]).expect("fill");
+        let mut a = vec![0xaau8; 30];
+        let mut b = vec![0xaau8; 270];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        assert_eq!(blocking_rw(f.as_raw_fd(), false, 50, &iov, false), -libc::EIO);
+        assert_eq!(blocking_read_zeros_past_eof(f.as_raw_fd(), 50, &iov), 300);
+        assert!(a.iter().all(|&x| x == 7));
+        assert!(b[..20].iter().all(|&x| x == 7));
+        assert!(b[20..].iter().all(|&x| x == 0));
+    }
 }
