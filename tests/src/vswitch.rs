@@ -32,9 +32,16 @@ impl Switch {
     /// Start a switch with `ports`, each listening on `NAME.sock` in a temp dir, and wait for
     /// every socket.
     pub fn start(ports: &[PortDef<'_>]) -> Switch {
+        Switch::with_config("", ports)
+    }
+
+    /// [`Switch::start`] with `extra` TOML after the `[switch]` table (`[[vlan]]` tables,
+    /// say). A port with `mode = "client"` connects to `NAME.sock` (a QEMU listening
+    /// there) instead of creating it.
+    pub fn with_config(extra: &str, ports: &[PortDef<'_>]) -> Switch {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = format!(
-            "[switch]\ncontrol_socket = \"{}\"\n",
+            "[switch]\ncontrol_socket = \"{}\"\n{extra}\n",
             dir.path().join("ctl.sock").display()
         );
         for (name, keys) in ports {
@@ -65,7 +72,11 @@ impl Switch {
         let mut switch = Switch { child, dir, log };
         // Wait for the socket files rather than connect: a probe would be a session.
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut paths: Vec<PathBuf> = ports.iter().map(|(n, _)| switch.socket(n)).collect();
+        let mut paths: Vec<PathBuf> = ports
+            .iter()
+            .filter(|(_, keys)| !keys.contains("mode = \"client\""))
+            .map(|(n, _)| switch.socket(n))
+            .collect();
         paths.push(switch.dir.path().join("ctl.sock"));
         for path in paths {
             while !path.exists() {

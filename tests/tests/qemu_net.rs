@@ -4,89 +4,13 @@
 //! the other port; a client-mode port follows its QEMU across restarts.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::guest::{self, wait_console, Guest, GuestOutput};
-use e2e::{bin, wait_for_socket};
+use e2e::vswitch::{get, Counters, Switch};
 
-struct Switch {
-    child: Child,
-}
-
-impl Switch {
-    fn start(config: &Path, sockets: &[&Path]) -> Switch {
-        let child = Command::new(bin("vswitch"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn vswitch");
-        for s in sockets {
-            wait_for_socket(s, Duration::from_secs(20));
-        }
-        Switch { child }
-    }
-
-    /// Each port's counters, from `vswitch ctl --config CONFIG --json stats`.
-    fn stats(config: &Path) -> HashMap<String, HashMap<String, u64>> {
-        let out = Command::new(bin("vswitch"))
-            .arg("ctl")
-            .arg("--config")
-            .arg(config)
-            .args(["--json", "stats"])
-            .output()
-            .expect("run vswitch ctl");
-        assert!(
-            out.status.success(),
-            "vswitch ctl stats: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let reply: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("vswitch ctl --json stats: JSON");
-        let ports = reply["stats"].as_array().expect("a 'stats' array");
-        ports
-            .iter()
-            .map(|p| {
-                let name = p["name"].as_str().expect("port name").to_string();
-                let counters = p["counters"]
-                    .as_object()
-                    .expect("port counters")
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_u64().expect("a counter")))
-                    .collect();
-                (name, counters)
-            })
-            .collect()
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill() on a child we own, with a valid signal; no memory is involved.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "vswitch ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Switch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// VLAN 10 with the switch's own address, the guests' gateway.
+const VLAN10: &str = "[[vlan]]\nid = 10\nservice_ip = \"10.0.10.254/24\"\n";
 
 /// A guest script: bring eth0 up with `ip`, ping `peers` until they answer (they boot at
 /// their own pace), report, then stay up long enough for the others to finish.
@@ -111,26 +35,19 @@ fn vlan_isolation_between_guests() {
     if !guest::require_guest() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = |n: &str| dir.path().join(format!("{n}.sock"));
-    let (s1, s2, s3) = (sock("vm1"), sock("vm2"), sock("vm3"));
-    let config = dir.path().join("switch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[switch]\ncontrol_socket = \"{}\"\n\n\
-             [[vlan]]\nid = 10\nservice_ip = \"10.0.10.254/24\"\n\n\
-             [[port]]\nname = \"vm1\"\nsocket = \"{}\"\nvlan = 10\n\n\
-             [[port]]\nname = \"vm2\"\nsocket = \"{}\"\nvlan = 10\n\n\
-             [[port]]\nname = \"vm3\"\nsocket = \"{}\"\nvlan = 20\n",
-            dir.path().join("ctl.sock").display(),
-            s1.display(),
-            s2.display(),
-            s3.display()
-        ),
-    )
-    .expect("config");
-    let switch = Switch::start(&config, &[&s1, &s2, &s3]);
+    let switch = Switch::with_config(
+        VLAN10,
+        &[
+            ("vm1", "vlan = 10"),
+            ("vm2", "vlan = 10"),
+            ("vm3", "vlan = 20"),
+        ],
+    );
+    let (s1, s2, s3) = (
+        switch.socket("vm1"),
+        switch.socket("vm2"),
+        switch.socket("vm3"),
+    );
 
     // vm3 sits on VLAN 20 with an address in the same subnet: only the VLAN keeps it apart.
     let run = |script: String, socket: std::path::PathBuf, mac: &'static str| {
@@ -203,8 +120,7 @@ fn vlan_isolation_between_guests() {
         "vm3 must receive none of VLAN 10's frames:\n{}",
         o3.describe()
     );
-    let status = switch.stop();
-    assert!(status.success(), "vswitch exit status {status}");
+    switch.stop();
 }
 
 /// `reach HOST TRIES`: ping HOST once a try (1 s timeout each) until it answers.
@@ -279,23 +195,9 @@ fn guest_reboot_resumes_traffic_and_spares_the_other_port() {
     if !guest::require_guest() {
         return;
     }
+    let switch = Switch::with_config(VLAN10, &[("vm1", "vlan = 10"), ("vm2", "vlan = 10")]);
+    let (s1, s2) = (switch.socket("vm1"), switch.socket("vm2"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let (s1, s2) = (dir.path().join("vm1.sock"), dir.path().join("vm2.sock"));
-    let config = dir.path().join("switch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[switch]\ncontrol_socket = \"{}\"\n\n\
-             [[vlan]]\nid = 10\nservice_ip = \"10.0.10.254/24\"\n\n\
-             [[port]]\nname = \"vm1\"\nsocket = \"{}\"\nvlan = 10\n\n\
-             [[port]]\nname = \"vm2\"\nsocket = \"{}\"\nvlan = 10\n",
-            dir.path().join("ctl.sock").display(),
-            s1.display(),
-            s2.display()
-        ),
-    )
-    .expect("config");
-    let switch = Switch::start(&config, &[&s1, &s2]);
 
     let console1 = dir.path().join("vm1.console");
     let timeout = Duration::from_secs(360);
@@ -321,12 +223,12 @@ fn guest_reboot_resumes_traffic_and_spares_the_other_port() {
     // vm1 is down from its "rebooting" line until its init comes up a second time.
     let running = || !vm1.is_finished();
     let rebooting = wait_console(&console1, "RESULT rebooting now", 1, timeout, running);
-    let before = Switch::stats(&config);
+    let before = switch.stats();
     let rebooted = rebooting && wait_console(&console1, "GUEST-INIT: ready", 2, timeout, running);
-    let during = Switch::stats(&config);
+    let during = switch.stats();
     let (o1, o2) = (vm1.join().expect("vm1"), vm2.join().expect("vm2"));
-    let after = Switch::stats(&config);
-    let status = switch.stop();
+    let after = switch.stats();
+    switch.stop();
 
     o1.assert_ok();
     o2.assert_ok();
@@ -372,20 +274,14 @@ fn guest_reboot_resumes_traffic_and_spares_the_other_port() {
     );
     // The switch saw it too: vm2's port forwarded both ways while vm1 was down, and vm1's
     // port carried traffic again after its second boot.
-    let grew = |a: &HashMap<String, HashMap<String, u64>>,
-                b: &HashMap<String, HashMap<String, u64>>,
-                port: &str,
-                key: &str| {
-        let get =
-            |s: &HashMap<String, HashMap<String, u64>>| s[port].get(key).copied().unwrap_or(0);
-        let (a, b) = (get(a), get(b));
+    let grew = |a: &HashMap<String, Counters>, b: &HashMap<String, Counters>, port, key| {
+        let (a, b) = (get(&a[port], key), get(&b[port], key));
         assert!(b > a, "{port} {key} did not grow: {a} -> {b}");
     };
     for key in ["rx_packets", "tx_packets"] {
         grew(&before, &during, "vm2", key);
         grew(&during, &after, "vm1", key);
     }
-    assert!(status.success(), "vswitch exit status {status}");
 }
 
 /// A port in client mode connects to QEMU's socket, and connects again to the next QEMU
@@ -395,22 +291,12 @@ fn client_mode_port_reconnects_to_a_new_qemu() {
     if !guest::require_guest() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let qemu_sock = dir.path().join("qemu-vm1.sock");
-    let config = dir.path().join("switch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[switch]\ncontrol_socket = \"{}\"\n\n\
-             [[vlan]]\nid = 30\nservice_ip = \"10.0.30.254/24\"\n\n\
-             [[port]]\nname = \"vm1\"\nsocket = \"{}\"\nmode = \"client\"\nvlan = 30\n",
-            dir.path().join("ctl.sock").display(),
-            qemu_sock.display()
-        ),
-    )
-    .expect("config");
-    // Nothing to wait for: in client mode vswitch creates no port socket.
-    let switch = Switch::start(&config, &[&dir.path().join("ctl.sock")]);
+    let switch = Switch::with_config(
+        "[[vlan]]\nid = 30\nservice_ip = \"10.0.30.254/24\"\n",
+        &[("vm1", "mode = \"client\"\nvlan = 30")],
+    );
+    // QEMU listens where the client-mode port connects.
+    let qemu_sock = switch.socket("vm1");
     for round in 1..=2 {
         let out = Guest::new(pinger("10.0.30.1", &["10.0.30.254"], 40, 0))
             .net_server(&qemu_sock, "02:00:00:00:30:01")
@@ -424,6 +310,5 @@ fn client_mode_port_reconnects_to_a_new_qemu() {
             out.describe()
         );
     }
-    let status = switch.stop();
-    assert!(status.success(), "vswitch exit status {status}");
+    switch.stop();
 }
