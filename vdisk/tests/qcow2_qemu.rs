@@ -399,3 +399,63 @@ fn cli_create_info_snapshots_and_check() {
     assert_eq!(vdisk(&["image", "check", s(&img)]).status.code(), Some(0));
     qemu_check(&img);
 }
+
+/// `vdisk image convert`: a linked clone flattened to raw, and the raw back into a sparse
+/// qcow2; qemu-img compares each with its source.
+#[test]
+fn convert_flattens_and_keeps_zeros_unallocated() {
+    if !require("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |n: &str| dir.path().join(n);
+    let mut base = vec![0u8; 4 * MIB as usize];
+    base[..MIB as usize].fill(0x11);
+    std::fs::write(p("base.raw"), &base).expect("base");
+    let mut ov =
+        Qcow2::create(&p("ov.qcow2"), 4 * MIB, 64 << 10, Some(&p("base.raw"))).expect("overlay");
+    ov.write(2 * MIB, &vec![0x22u8; 100 << 10]).expect("write");
+    ov.write(MIB - 4096, &[0x33u8; 8192])
+        .expect("write across the base's data");
+    ov.close().expect("close");
+    let vdisk = env!("CARGO_BIN_EXE_vdisk");
+    let (ov, flat, back) = (p("ov.qcow2"), p("flat.raw"), p("back.qcow2"));
+    ok(
+        vdisk,
+        &["image", "convert", s(&ov), s(&flat), "--to", "raw"],
+    );
+    ok(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", s(&ov), s(&flat)],
+    );
+    ok(
+        vdisk,
+        &[
+            "image",
+            "convert",
+            s(&flat),
+            s(&back),
+            "--cluster-size",
+            "4K",
+        ],
+    );
+    ok(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", s(&back), s(&flat)],
+    );
+    qemu_check(&back);
+    let img = Qcow2::open(&back, &OpenOptions::read_only()).expect("open");
+    assert!(img.backing().is_none(), "flattened");
+    let allocated = img.allocated_bytes().expect("allocated");
+    assert!(
+        allocated < 2 * MIB,
+        "zeros must stay unallocated: {allocated} bytes allocated for ~1.1 MiB of data"
+    );
+    let out = run(vdisk, &["image", "convert", s(&flat), s(&back)]);
+    assert!(!out.status.success(), "an existing target must be refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,4 +1,4 @@
-//! `vdisk image create|info|check` and `vdisk snapshot create|list|delete|revert`: offline
+//! `vdisk image create|info|check|convert` and `vdisk snapshot create|list|delete|revert`: offline
 //! tools over [`crate::qcow2`]. Long operations show a progress bar on stderr when it is a
 //! terminal.
 
@@ -18,6 +18,29 @@ pub enum ImageCmd {
     Info(InfoArgs),
     /// Check an image's refcounts and metadata; exit code 2 when corruption remains.
     Check(CheckArgs),
+    /// Copy an image (raw or qcow2, backing chain flattened) into a new raw or qcow2 one;
+    /// zero ranges stay unallocated.
+    Convert(ConvertArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvertTo {
+    Qcow2,
+    Raw,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The source image, raw or qcow2 (detected).
+    pub source: PathBuf,
+    /// The new image; it must not exist.
+    pub target: PathBuf,
+    /// The new image's format.
+    #[arg(long, value_enum, default_value = "qcow2")]
+    pub to: ConvertTo,
+    /// Cluster size of a qcow2 target.
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub cluster_size: u64,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +160,7 @@ impl Progress {
 
 pub fn run_image(cmd: ImageCmd) -> Result<ExitCode, String> {
     match cmd {
+        ImageCmd::Convert(a) => convert(&a),
         ImageCmd::Create(a) => create(a).map_err(|e| e.to_string()),
         ImageCmd::Info(a) => info(&a).map_err(|e| e.to_string()),
         ImageCmd::Check(a) => check(&a).map_err(|e| e.to_string()),
@@ -289,6 +313,129 @@ fn check(a: &CheckArgs) -> Result<ExitCode, Qcow2Error> {
     }
     println!("no corruption");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where convert reads: the guest view of a qcow2 image, or a raw file.
+enum Source {
+    Qcow2(Box<Qcow2>),
+    Raw(std::fs::File),
+}
+
+impl Source {
+    /// How many bytes from `offset` on (at most `len`) read as zeros without reading
+    /// them (unallocated without a backing file, or zero clusters), else 0.
+    fn known_zeros(&mut self, offset: u64, len: u64) -> Result<u64, Qcow2Error> {
+        let Source::Qcow2(img) = self else {
+            return Ok(0);
+        };
+        let ext = img.map(offset, len)?;
+        let zeros = match ext.kind {
+            qcow2::ExtentKind::Zero => true,
+            qcow2::ExtentKind::Unallocated => img.backing().is_none(),
+            qcow2::ExtentKind::Data { .. } => false,
+        };
+        Ok(if zeros { ext.len } else { 0 })
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8], path: &Path) -> Result<(), Qcow2Error> {
+        match self {
+            Source::Qcow2(img) => img.read(offset, buf),
+            Source::Raw(f) => {
+                use std::os::unix::fs::FileExt;
+                f.read_exact_at(buf, offset)
+                    .map_err(|source| Qcow2Error::Io {
+                        path: path.to_path_buf(),
+                        op: format!("read at {offset}"),
+                        source,
+                    })
+            }
+        }
+    }
+}
+
+fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
+    let io_err = |path: &Path, op: &str, source: std::io::Error| Qcow2Error::Io {
+        path: path.to_path_buf(),
+        op: op.to_string(),
+        source,
+    };
+    let r: Result<(), Qcow2Error> = (|| {
+        let (mut src, size) = match Qcow2::open(&a.source, &OpenOptions::read_only()) {
+            Ok(img) => {
+                let size = img.virtual_size();
+                (Source::Qcow2(Box::new(img)), size)
+            }
+            Err(Qcow2Error::NotQcow2 { .. }) => {
+                let f = std::fs::File::open(&a.source).map_err(|e| io_err(&a.source, "open", e))?;
+                let size = f
+                    .metadata()
+                    .map_err(|e| io_err(&a.source, "stat", e))?
+                    .len();
+                (Source::Raw(f), size)
+            }
+            Err(e) => return Err(e),
+        };
+        if a.target.exists() {
+            return Err(Qcow2Error::Invalid {
+                path: a.target.clone(),
+                what: "already exists; convert writes a new image".to_string(),
+            });
+        }
+        enum Target {
+            Qcow2(Box<Qcow2>),
+            Raw(std::fs::File),
+        }
+        let mut dst = match a.to {
+            ConvertTo::Qcow2 => Target::Qcow2(Box::new(Qcow2::create(
+                &a.target,
+                size,
+                a.cluster_size,
+                None,
+            )?)),
+            ConvertTo::Raw => {
+                let f = std::fs::File::create_new(&a.target)
+                    .map_err(|e| io_err(&a.target, "create", e))?;
+                f.set_len(size)
+                    .map_err(|e| io_err(&a.target, "set size", e))?;
+                Target::Raw(f)
+            }
+        };
+        // Copy in steps of whole clusters, so that a qcow2 target allocates only what
+        // holds data.
+        let step = a.cluster_size.max(64 << 10).min(size.max(1));
+        let mut buf = vec![0u8; step as usize];
+        let mut p = Progress::new("converting");
+        let mut pos = 0u64;
+        while pos < size {
+            let n = step.min(size - pos);
+            let zeros = src.known_zeros(pos, n)?;
+            if zeros > 0 {
+                pos += zeros;
+                p.update(pos, size);
+                continue;
+            }
+            let chunk = &mut buf[..n as usize];
+            src.read(pos, chunk, &a.source)?;
+            if chunk.iter().any(|&b| b != 0) {
+                match &mut dst {
+                    Target::Qcow2(img) => img.write(pos, chunk)?,
+                    Target::Raw(f) => {
+                        use std::os::unix::fs::FileExt;
+                        f.write_all_at(chunk, pos)
+                            .map_err(|e| io_err(&a.target, "write", e))?;
+                    }
+                }
+            }
+            pos += n;
+            p.update(pos, size);
+        }
+        p.finish();
+        match dst {
+            Target::Qcow2(img) => img.close(),
+            Target::Raw(f) => f.sync_all().map_err(|e| io_err(&a.target, "fsync", e)),
+        }
+    })();
+    r.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string())
 }
 
 fn open_rw(path: &Path) -> Result<Qcow2, Qcow2Error> {

@@ -286,7 +286,10 @@ mod tests {
                 iov_len: b.len(),
             },
         ];
-        assert_eq!(blocking_rw(f.as_raw_fd(), false, 50, &iov, false), -libc::EIO);
+        assert_eq!(
+            blocking_rw(f.as_raw_fd(), false, 50, &iov, false),
+            -libc::EIO
+        );
         assert_eq!(blocking_read_zeros_past_eof(f.as_raw_fd(), 50, &iov), 300);
         assert!(a.iter().all(|&x| x == 7));
         assert!(b[..20].iter().all(|&x| x == 7));
