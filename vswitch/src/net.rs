@@ -33,8 +33,11 @@ const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: usize = 1024;
+/// Frames taken from a transmit ring per pass: what each pass costs (ring setup, locks,
+/// the FDB, one notification check) is shared by that many frames.
+const TX_BATCH: u16 = 64;
 /// Frames' worth of tokens a rate-limited port waits for before it resumes.
-const TX_BATCH: u64 = 32;
+const RATE_WAKEUP_FRAMES: u64 = 32;
 /// The port's rate-limit timer in its worker's epoll set; ids up to NUM_QUEUES are the
 /// library's (queues and the exit event).
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
@@ -94,14 +97,20 @@ impl PortBackend {
             Err(p) => p.into_inner(),
         };
         let s = &mut *guard;
+        // Kicks are off from the first pass until the ring is found empty; turning them off
+        // again on every pass would rewrite a word next to the used index the driver polls.
+        let mut kicks_on = true;
         loop {
             let mut state = tx.get_mut();
             if !state.get_queue().ready() {
                 // Stopped or reset under us (the frontend is going away).
                 break;
             }
-            if let Err(e) = state.disable_notification() {
-                warn!(port = %port.spec.name, "cannot disable notifications: {e}");
+            if kicks_on {
+                if let Err(e) = state.disable_notification() {
+                    warn!(port = %port.spec.name, "cannot disable notifications: {e}");
+                }
+                kicks_on = false;
             }
             let event_idx = state.get_queue().event_idx_enabled();
             let queue = state.get_queue_mut();
@@ -127,7 +136,7 @@ impl PortBackend {
             s.classify(port);
             self.switch
                 .forward_batch(self.port, &s.frames, &s.ranges, &mut s.switch);
-            let full = s.heads.len() == TX_BATCH as usize;
+            let full = s.heads.len() == usize::from(TX_BATCH);
             let old = queue.next_used();
             let mut used = old;
             for &head in &s.heads {
@@ -153,6 +162,7 @@ impl PortBackend {
                 // More may be waiting: take it before paying for a notification round.
                 continue;
             }
+            kicks_on = true;
             match state.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -192,7 +202,7 @@ impl TxScratch {
         self.heads.clear();
         self.chains.clear();
         self.raw.clear();
-        let n = posted.min(TX_BATCH as u16);
+        let n = posted.min(TX_BATCH);
         ring.prefetch_chains(next, n);
         for i in 0..n {
             let taken = self.heads.len();
@@ -249,7 +259,9 @@ impl TxScratch {
             queue.set_next_avail(queue.next_avail().wrapping_sub(back as u16));
             self.heads.truncate(taken);
             self.chains.truncate(k);
-            let batch = qos.tx.time_until(frame_bytes * TX_BATCH, TX_BATCH);
+            let batch = qos
+                .tx
+                .time_until(frame_bytes * RATE_WAKEUP_FRAMES, RATE_WAKEUP_FRAMES);
             if let Err(e) = qos.timer.arm(wait.max(batch)) {
                 warn!(port = %port.spec.name, "cannot arm the rate-limit timer: {e}");
             }
