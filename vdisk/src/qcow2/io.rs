@@ -95,18 +95,6 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Make the file at least `end` bytes long; the new part reads as zeros.
-    pub fn extend_to(&mut self, end: u64) -> Result<()> {
-        if end <= self.len {
-            return Ok(());
-        }
-        self.file
-            .set_len(end)
-            .map_err(|e| io_err(&self.path, &format!("extend the file to {end:#x}"), e))?;
-        self.len = end;
-        Ok(())
-    }
-
     /// Note that someone else (an io_uring write of guest data) extended the file.
     pub fn note_written(&mut self, end: u64) {
         self.len = self.len.max(end);

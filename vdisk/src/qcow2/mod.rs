@@ -541,8 +541,9 @@ impl Qcow2 {
     /// Fill the parts of new cluster `new_host` outside `[keep_from, keep_to)` with what
     /// the guest cluster read as before: the old cluster, zeros, or the backing chain.
     /// A cluster past the end the file had before it was allocated (`fresh`) already
-    /// reads as zeros: when zeros are what it needs, the file is only extended over it,
-    /// which spares the first write of every cluster a cluster-sized write.
+    /// reads as zeros, whether the file ends inside it or not (reads past the end are
+    /// zeros, here and in QEMU): when zeros are what it needs, nothing is written, which
+    /// spares the first write of every cluster a cluster-sized write.
     fn cow_fill(
         &mut self,
         guest_cluster: u64,
@@ -559,7 +560,7 @@ impl Qcow2 {
             Entry::Data { .. } | Entry::Compressed => false,
         };
         if fresh && reads_as_zeros {
-            return self.io.extend_to(new_host + cs);
+            return Ok(());
         }
         let guest_base = guest_cluster << self.cluster_bits;
         for (a, b) in [(0, keep_from), (keep_to, cs)] {
