@@ -971,6 +971,82 @@ fn two_level_backing_chain() {
     assert_same(&std::fs::read(&mid).expect("mid"), &mid_before, "mid");
 }
 
+/// 4 KiB clusters over a 2 GiB disk, written at random places: far more L2 tables than the
+/// L2 cache holds (1 MiB: 256 tables of 4 KiB, mapping 512 MiB), so tables are evicted
+/// and read back again while the image is written.
+#[test]
+fn l2_cache_eviction_with_small_clusters() {
+    if !tools() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("wide.qcow2");
+    let socket = dir.path().join("vdisk.sock");
+    let (size, cluster) = (2u64 << 30, 4 * KIB);
+    create(&image, Some(size), cluster, None);
+    // The expected content as a sparse raw file, and the written blocks in a map.
+    let expected = dir.path().join("wide.expected.raw");
+    let exp = File::create(&expected).expect("create expected");
+    exp.set_len(size).expect("size expected");
+    let mut blocks = std::collections::BTreeMap::new();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let daemon = serve(&image, &socket, &[]);
+    let mut blk = connect(&socket, 1);
+    for round in 0..2 {
+        for _ in 0..700 {
+            let off = rng.random_range(0..size / cluster) * cluster;
+            // Partial blocks too: copy-on-write of a cluster whose table was evicted.
+            let (skip, len) = if rng.random_bool(0.3) {
+                (
+                    512 * rng.random_range(0..4u64),
+                    512 * rng.random_range(1..=4u64),
+                )
+            } else {
+                (0, cluster)
+            };
+            let data = random_bytes(&mut rng, len as usize);
+            blk.write(off + skip, &data).expect("write");
+            exp.write_all_at(&data, off + skip).expect("write expected");
+            let e = blocks
+                .entry(off)
+                .or_insert_with(|| vec![0u8; cluster as usize]);
+            e[skip as usize..(skip + len) as usize].copy_from_slice(&data);
+        }
+        // Read every written block back: most tables are no longer cached.
+        for (&off, want) in &blocks {
+            let got = blk.read(off, cluster as usize).expect("read");
+            assert_same(
+                &got,
+                want,
+                &format!("round {round}: block {off:#x} (E2E_SEED={seed})"),
+            );
+        }
+    }
+    drop(blk);
+    stop(daemon);
+    check_clean(&image, "wide image");
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(&image),
+            s(&expected),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        describe("qemu-img compare", &out)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Linked clones.
 
@@ -1282,6 +1358,31 @@ fn offline_snapshot_revert_and_the_serving_lock() {
         ctl(&socket, &["snapshot", "list"])["snapshots"],
         serde_json::json!([]),
         "the refused snapshot appeared"
+    );
+    // So must a second daemon on the same image, and a repair.
+    let out = run(
+        e2e::bin("vdisk"),
+        &[
+            "serve",
+            "--image",
+            s(&image),
+            "--socket",
+            s(&dir.path().join("second.sock")),
+        ],
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another process"),
+        "{}",
+        describe("a second vdisk serve on the image", &out)
+    );
+    let out = run(
+        e2e::bin("vdisk"),
+        &["image", "check", "--repair", s(&image)],
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another process"),
+        "{}",
+        describe("a repair of a served image", &out)
     );
     assert_device(
         &mut blk,
