@@ -374,3 +374,152 @@ fn guest_reboot_and_new_frontend_are_served() {
     assert_eq!(out.expect_result("data"), sha256_hex(&data.data));
     stop(daemon);
 }
+
+/// `prog args...` must exit 0; the panic shows its output.
+fn run_ok(prog: &Path, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", prog.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}\n{}{}",
+        prog.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (d) A qcow2 linked clone of a raw base: the guest reads the base through vdisk where the
+/// overlay has nothing, writes partial and whole clusters; afterwards the base is unchanged,
+/// `qemu-img check` finds the overlay clean and `qemu-img compare` finds in it the base
+/// with the guest's writes.
+#[test]
+fn guest_writes_through_a_qcow2_overlay() {
+    if !guest::require_guest()
+        || !e2e::require(
+            "qemu-img (package qemu-utils)",
+            e2e::have_program("qemu-img"),
+        )
+    {
+        return;
+    }
+    let s = Setup::new();
+    let base = s.path("base.raw");
+    let mut base_data = vec![0u8; IMAGE_SIZE as usize];
+    rand::rngs::StdRng::seed_from_u64(400).fill(&mut base_data[..]);
+    std::fs::write(&base, &base_data).expect("write base");
+    let overlay = s.path("overlay.qcow2");
+    run_ok(
+        &e2e::bin("vdisk"),
+        &[
+            "image".as_ref(),
+            "create".as_ref(),
+            overlay.as_os_str(),
+            "--backing".as_ref(),
+            base.as_os_str(),
+        ],
+    );
+    let socket = s.path("vdisk.sock");
+    let daemon = serve(&overlay, &socket, &[]);
+
+    // The same regions as (a): a partial 64 KiB cluster at the start, 3 sectors in the
+    // middle of one, 1 MiB of whole clusters, the last 4 KiB.
+    let regions = regions(500);
+    let mut expected = base_data.clone();
+    for r in &regions {
+        expected[r.offset as usize..r.offset as usize + r.data.len()].copy_from_slice(&r.data);
+    }
+    // What the guest must read around the regions: base data merged with its writes.
+    let windows = [
+        ("untouched", 3 * MIB, 128 * 1024),
+        ("around-odd", MIB, 64 * 1024),
+    ];
+    let mut script = String::from(PRELUDE);
+    script.push_str(&format!(
+        "echo RESULT size $(blockdev --getsize64 /dev/vda)\n\
+         echo RESULT before-untouched $(rd /dev/vda {} {})\n",
+        windows[0].1 / 512,
+        windows[0].2 / 512
+    ));
+    for r in &regions {
+        if r.name == "big" {
+            // O_DIRECT in 64 KiB requests: whole clusters.
+            script.push_str(&format!(
+                "dd if=/data/{n}.bin of=/dev/vda bs=65536 seek={o} oflag=seek_bytes,direct conv=notrunc 2>/dev/null\n",
+                n = r.name,
+                o = r.offset
+            ));
+        } else {
+            // Through the page cache, made durable by fsync (FLUSH).
+            script.push_str(&format!(
+                "dd if=/data/{n}.bin of=/dev/vda bs=512 seek={s} conv=notrunc,fsync 2>/dev/null\n",
+                n = r.name,
+                s = r.sector()
+            ));
+        }
+        script.push_str(&format!(
+            "echo RESULT readback-{n} $(rd /dev/vda {s} {c})\n",
+            n = r.name,
+            s = r.sector(),
+            c = r.sectors()
+        ));
+    }
+    for (name, off, len) in windows {
+        script.push_str(&format!(
+            "echo RESULT window-{name} $(rd /dev/vda {} {})\n",
+            off / 512,
+            len / 512
+        ));
+    }
+    script.push_str("sync\necho RESULT done yes\n");
+    let mut guest = Guest::new(script).blk(&socket).timeout(TIMEOUT);
+    for r in &regions {
+        guest = guest.file(&format!("/data/{}.bin", r.name), r.data.clone());
+    }
+    let out = guest.run();
+    out.assert_ok();
+    assert_eq!(out.expect_result("size"), IMAGE_SIZE.to_string());
+    assert_eq!(out.expect_result("done"), "yes");
+    let slice = |off: u64, len: u64| &expected[off as usize..(off + len) as usize];
+    assert_eq!(
+        out.expect_result("before-untouched"),
+        sha256_hex(slice(windows[0].1, windows[0].2)),
+        "the guest does not see the base through the empty overlay"
+    );
+    for r in &regions {
+        assert_eq!(
+            out.expect_result(&format!("readback-{}", r.name)),
+            sha256_hex(&r.data),
+            "guest read back something else than it wrote in region {}",
+            r.name
+        );
+    }
+    for (name, off, len) in windows {
+        assert_eq!(
+            out.expect_result(&format!("window-{name}")),
+            sha256_hex(slice(off, len)),
+            "window {name}: base data and the guest's writes not merged right"
+        );
+    }
+    stop(daemon);
+
+    assert!(
+        std::fs::read(&base).expect("read base") == base_data,
+        "the base file changed"
+    );
+    let want = s.path("expected.raw");
+    std::fs::write(&want, &expected).expect("write expected.raw");
+    for args in [
+        vec!["check", "-f", "qcow2"],
+        vec!["compare", "-f", "qcow2", "-F", "raw"],
+    ] {
+        let mut a: Vec<&std::ffi::OsStr> = args.iter().map(|x| x.as_ref()).collect();
+        a.push(overlay.as_os_str());
+        if args[0] == "compare" {
+            a.push(want.as_os_str());
+        }
+        run_ok(Path::new("qemu-img"), &a);
+    }
+}
