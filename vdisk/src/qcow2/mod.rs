@@ -841,7 +841,8 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         return Err(Qcow2Error::Invalid {
             path: path.to_path_buf(),
-            what: "the image is open for writing by another process (a running                    `vdisk serve`? use `vdisk ctl` on its control socket)"
+            what: "the image is in use: open for writing by another process (a running \
+                   `vdisk serve`? use `vdisk ctl` on its control socket)"
                 .to_string(),
         });
     }
