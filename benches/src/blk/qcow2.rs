@@ -155,7 +155,8 @@ struct Extra {
 struct Meta {
     warmup: Duration,
     window: Duration,
-    quick: bool,
+    /// The runner's arguments after the subcommand, as given.
+    args: String,
     size_mib: u64,
     cluster: u64,
     empty_gib: u64,
@@ -206,7 +207,11 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut meta = Meta {
         warmup,
         window,
-        quick: args.quick && args.seconds.is_none(),
+        args: std::env::args()
+            .skip_while(|a| a != "qcow2")
+            .skip(1)
+            .map(|a| format!(" {a}"))
+            .collect(),
         size_mib: args.size_mib,
         cluster,
         empty_gib: args.empty_gib,
@@ -574,7 +579,7 @@ fn markdown(
          warm-up, then {:.1} s measured, on a fresh copy of its starting image with a freshly \
          started daemon, so every target starts from the same state; all targets measured in \
          the same run, one after the other per workload.\n",
-        if meta.quick { " --quick" } else { "" },
+        meta.args,
         meta.size_mib,
         meta.cluster >> 10,
         meta.empty_gib,
