@@ -33,10 +33,12 @@ demo:
 	scripts/demo.sh
 
 ## Benchmarks against peers (the benches crate): docs/bench/blk.{md,png}, blk-direct.{md,png},
-## net.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need (OVS-DPDK, DPDK).
+## qcow2.{md,png}, net.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need
+## (OVS-DPDK, DPDK).
 bench: setup
 	scripts/setup-bench.sh
 	$(CARGO) build --release -p vdisk -p vswitch -p benches
 	$(CARGO) run --release -p benches -- blk
 	$(CARGO) run --release -p benches -- blk --direct
+	$(CARGO) run --release -p benches -- qcow2
 	$(CARGO) run --release -p benches -- net

@@ -4,6 +4,10 @@
 //! vdisk against qemu-storage-daemon (both driven by libblkio over vhost-user) and against fio
 //! on the same image file, and writes a markdown table and a PNG chart.
 //!
+//! `cargo run --release -p benches -- qcow2 [--quick] [--out docs/bench]` measures vdisk against
+//! qemu-storage-daemon on the same qcow2 image (allocated, empty, with a fresh snapshot), with
+//! vdisk on the raw image as the reference, and writes docs/bench/qcow2.md and qcow2.png.
+//!
 //! `cargo run --release -p benches -- net [--quick] [--out docs/bench]` measures vswitch against
 //! Open vSwitch with DPDK and DPDK's vhost PMD in a PVP-style loopback driven by dpdk-testpmd
 //! (64- and 1518-byte frames), and writes docs/bench/net.md and net.png.
@@ -19,7 +23,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
-    about = "Benchmarks: vdisk vs qemu-storage-daemon vs fio; vswitch vs OVS-DPDK vs DPDK vhost PMD",
+    about = "Benchmarks: vdisk vs qemu-storage-daemon vs fio (raw and qcow2); vswitch vs OVS-DPDK vs DPDK vhost PMD",
     version
 )]
 struct Cli {
@@ -31,6 +35,9 @@ struct Cli {
 enum Cmd {
     /// vhost-user-blk: vdisk and qemu-storage-daemon through libblkio, fio as the ceiling.
     Blk(blk::Args),
+    /// qcow2 over vhost-user-blk: vdisk and qemu-storage-daemon on the same image, vdisk raw
+    /// as the reference.
+    Qcow2(blk::qcow2::Args),
     /// vhost-user-net: vswitch, OVS-DPDK and DPDK's vhost PMD in a testpmd PVP loopback.
     Net(net::Args),
 }
@@ -40,6 +47,7 @@ fn main() -> ExitCode {
     signals::install();
     let result = match cli.cmd {
         Cmd::Blk(args) => blk::run(&args),
+        Cmd::Qcow2(args) => blk::qcow2::run(&args),
         Cmd::Net(args) => net::run(&args),
     };
     match result {

@@ -29,11 +29,17 @@ pub struct Client {
 
 /// What one measured window produced.
 pub struct Load {
+    /// Operations completed in the measured window.
     pub ops: u64,
+    /// Operations completed in the whole run: warm-up, window and drain.
+    pub total_ops: u64,
     pub bytes: u64,
     pub elapsed: Duration,
     /// Per-request latencies (submission to completion seen), ns, sorted.
     pub lat_ns: Vec<u64>,
+    /// The window ended early: a queue of a [`Pattern::Stride`] workload had written its
+    /// whole share of the device.
+    pub exhausted: bool,
 }
 
 fn err(what: &str, socket: &Path) -> impl Fn(blkio::Error) -> String {
@@ -151,6 +157,7 @@ impl Client {
         };
         let measuring = AtomicBool::new(false);
         let stop = AtomicBool::new(false);
+        let exhausted = AtomicBool::new(false);
         let ctx = WorkerCtx {
             wl,
             capacity: self.capacity,
@@ -158,6 +165,7 @@ impl Client {
             poll: self.poll,
             measuring: &measuring,
             stop: &stop,
+            exhausted: &exhausted,
         };
         // Queue i goes to thread i % threads, with its own slice of the region.
         let base = self.region.addr;
@@ -176,11 +184,17 @@ impl Client {
                 .collect();
 
             let control = (|| {
-                sleep_checked(warmup, &stop)?;
+                if sleep_checked(warmup, &stop, &exhausted)? {
+                    return Err(format!(
+                        "the device ({} bytes) ran out of fresh blocks during the warm-up: \
+                         it is too small for this workload",
+                        ctx.capacity
+                    ));
+                }
                 on_start()?;
                 let t0 = Instant::now();
                 measuring.store(true, Ordering::SeqCst);
-                sleep_checked(duration, &stop)?;
+                sleep_checked(duration, &stop, &exhausted)?;
                 measuring.store(false, Ordering::SeqCst);
                 let elapsed = t0.elapsed();
                 on_stop()?;
@@ -190,15 +204,18 @@ impl Client {
 
             let mut load = Load {
                 ops: 0,
+                total_ops: 0,
                 bytes: 0,
                 elapsed: Duration::ZERO,
                 lat_ns: Vec::new(),
+                exhausted: exhausted.load(Ordering::SeqCst),
             };
             let mut first_err = None;
             for w in workers {
                 match w.join() {
-                    Ok(Ok(stats)) => {
+                    Ok(Ok((stats, total))) => {
                         load.ops += stats.len() as u64;
+                        load.total_ops += total;
                         load.lat_ns.extend(stats);
                     }
                     Ok(Err(e)) => {
@@ -220,17 +237,21 @@ impl Client {
     }
 }
 
-/// Sleep for `d` unless a worker failed (`stop`) or the run was interrupted.
-fn sleep_checked(d: Duration, stop: &AtomicBool) -> Result<(), String> {
+/// Sleep for `d` unless a worker failed (`stop`) or the run was interrupted; returns early
+/// with true once `exhausted` is set.
+fn sleep_checked(d: Duration, stop: &AtomicBool, exhausted: &AtomicBool) -> Result<bool, String> {
     let end = Instant::now() + d;
     loop {
         signals::check()?;
+        if exhausted.load(Ordering::SeqCst) {
+            return Ok(true);
+        }
         if stop.load(Ordering::Relaxed) {
             return Err("a load thread stopped early".to_string());
         }
         let now = Instant::now();
         if now >= end {
-            return Ok(());
+            return Ok(false);
         }
         std::thread::sleep((end - now).min(Duration::from_millis(50)));
     }
@@ -243,6 +264,7 @@ struct WorkerCtx<'a> {
     poll: bool,
     measuring: &'a AtomicBool,
     stop: &'a AtomicBool,
+    exhausted: &'a AtomicBool,
 }
 
 /// xorshift64*: plenty for picking offsets, and cheap enough not to show in the profile.
@@ -259,19 +281,67 @@ impl XorShift {
     }
 }
 
+/// A pseudo-random permutation of `0..n`: a bijection on the smallest power of two that holds
+/// `n` (odd multiplications and xor-shifts, each invertible modulo 2^bits), walked until it
+/// lands below `n`.
+struct Permutation {
+    n: u64,
+    bits: u32,
+    mask: u64,
+    keys: [u64; 3],
+}
+
+impl Permutation {
+    fn new(n: u64, seed: u64) -> Permutation {
+        let bits = (64 - n.saturating_sub(1).leading_zeros()).max(1);
+        let mut rng = XorShift(seed | 1);
+        Permutation {
+            n,
+            bits,
+            mask: if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            },
+            keys: [rng.next() | 1, rng.next() | 1, rng.next()],
+        }
+    }
+
+    fn apply(&self, i: u64) -> u64 {
+        let shift = (self.bits / 2).max(1);
+        let mut x = i;
+        loop {
+            x = x.wrapping_mul(self.keys[0]) & self.mask;
+            x ^= x >> shift;
+            x = (x ^ (self.keys[2] & self.mask)).wrapping_mul(self.keys[1]) & self.mask;
+            x ^= x >> shift;
+            if x < self.n {
+                return x;
+            }
+        }
+    }
+}
+
 /// One queue as a load thread drives it: its request slots and where the next offset comes from.
 struct QueueLoad<'q> {
     q: &'q mut Blkioq,
     /// Per slot: the buffer's iovecs (split at SIZE_MAX) and when it was last submitted.
     slots: Vec<(Vec<blkio::iovec>, Instant)>,
     rng: XorShift,
+    /// Next block (stride for [`Pattern::Stride`]) of a sequential pattern.
     cursor: u64,
+    /// This queue's share of a [`Pattern::Stride`] device: strides `start..end`, in the
+    /// order of `shuffle` if the pattern is shuffled.
+    start: u64,
+    end: u64,
+    shuffle: Option<Permutation>,
     in_flight: usize,
 }
 
 impl WorkerCtx<'_> {
-    /// Drive `queues`; returns the latencies (ns) of the requests completed in the window.
-    fn work(&self, queues: Vec<(usize, &mut Blkioq, usize)>) -> Result<Vec<u64>, String> {
+    /// Drive `queues`; returns the latencies (ns) of the requests completed in the window,
+    /// and how many completed in all.
+    fn work(&self, queues: Vec<(usize, &mut Blkioq, usize)>) -> Result<(Vec<u64>, u64), String> {
         let r = self.work_inner(queues);
         if r.is_err() {
             // Tell the controller and the other workers at once.
@@ -280,21 +350,42 @@ impl WorkerCtx<'_> {
         r
     }
 
-    fn next_offset(&self, ql: &mut QueueLoad<'_>) -> u64 {
+    /// The next request's offset; None once a stride pattern has covered the queue's share.
+    fn next_offset(&self, ql: &mut QueueLoad<'_>) -> Option<u64> {
         let bs = self.wl.bs as u64;
         let blocks = self.capacity / bs;
-        match self.wl.pattern {
+        Some(match self.wl.pattern {
             Pattern::Random => (ql.rng.next() % blocks) * bs,
             Pattern::Sequential => {
                 let o = ql.cursor * bs;
                 ql.cursor = (ql.cursor + 1) % blocks;
                 o
             }
-        }
+            Pattern::Stride { stride, .. } => {
+                if ql.cursor >= ql.end {
+                    return None;
+                }
+                let i = ql.cursor;
+                ql.cursor += 1;
+                match &ql.shuffle {
+                    // A random block within the stride, too.
+                    Some(p) => {
+                        (ql.start + p.apply(i - ql.start)) * stride
+                            + (ql.rng.next() % (stride / bs)) * bs
+                    }
+                    None => i * stride,
+                }
+            }
+        })
     }
 
-    fn submit(&self, ql: &mut QueueLoad<'_>, slot: usize, now: Instant) {
-        let off = self.next_offset(ql);
+    /// Submit the next request in `slot`; false (nothing submitted) once the pattern is
+    /// exhausted.
+    fn submit(&self, ql: &mut QueueLoad<'_>, slot: usize, now: Instant) -> bool {
+        let Some(off) = self.next_offset(ql) else {
+            self.exhausted.store(true, Ordering::SeqCst);
+            return false;
+        };
         let (iov, submitted) = &mut ql.slots[slot];
         *submitted = now;
         let (p, n) = (iov.as_ptr(), iov.len() as u32);
@@ -302,9 +393,13 @@ impl WorkerCtx<'_> {
             Op::Read => ql.q.readv(off, p, n, slot, ReqFlags::empty()),
             Op::Write => ql.q.writev(off, p, n, slot, ReqFlags::empty()),
         }
+        true
     }
 
-    fn work_inner(&self, queues: Vec<(usize, &mut Blkioq, usize)>) -> Result<Vec<u64>, String> {
+    fn work_inner(
+        &self,
+        queues: Vec<(usize, &mut Blkioq, usize)>,
+    ) -> Result<(Vec<u64>, u64), String> {
         let wl = self.wl;
         let bs = wl.bs;
         let blocks = self.capacity / bs as u64;
@@ -319,6 +414,16 @@ impl WorkerCtx<'_> {
         } else {
             bs
         };
+        if let Pattern::Stride { stride, .. } = wl.pattern {
+            if stride < bs as u64 || stride > self.capacity {
+                return Err(format!(
+                    "stride {stride}: not between the block size {bs} and the capacity {}",
+                    self.capacity
+                ));
+            }
+        }
+        let nq = wl.queues as u64;
+        let indexes: Vec<u64> = queues.iter().map(|(i, _, _)| *i as u64).collect();
         let now = Instant::now();
         let mut loads: Vec<QueueLoad<'_>> = queues
             .into_iter()
@@ -338,13 +443,30 @@ impl WorkerCtx<'_> {
                     })
                     .collect(),
                 rng: XorShift(0x9e37_79b9_7f4a_7c15 ^ ((index as u64 + 1) << 32) ^ bs as u64),
-                cursor: (index as u64 * blocks / wl.queues as u64) % blocks,
+                cursor: (index as u64 * blocks / nq) % blocks,
+                start: 0,
+                end: 0,
+                shuffle: None,
                 in_flight: wl.qd,
             })
             .collect();
+        if let Pattern::Stride { stride, shuffle } = wl.pattern {
+            // Each queue writes its own contiguous share of the strides.
+            let strides = self.capacity / stride;
+            for (ql, index) in loads.iter_mut().zip(indexes) {
+                ql.start = index * strides / nq;
+                ql.end = (index + 1) * strides / nq;
+                ql.cursor = ql.start;
+                if shuffle {
+                    ql.shuffle = Some(Permutation::new(ql.end - ql.start, ql.rng.next()));
+                }
+            }
+        }
         for ql in loads.iter_mut() {
             for slot in 0..wl.qd {
-                self.submit(ql, slot, now);
+                if !self.submit(ql, slot, now) {
+                    ql.in_flight -= 1;
+                }
             }
         }
 
@@ -357,8 +479,14 @@ impl WorkerCtx<'_> {
         let mut completed = 0u64;
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
-            if stopping && loads.iter().all(|ql| ql.in_flight == 0) {
-                return Ok(lat);
+            // Once its pattern is exhausted a queue drains and stays idle until the stop.
+            if loads.iter().all(|ql| ql.in_flight == 0) {
+                if stopping {
+                    return Ok((lat, completed));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                last_progress = Instant::now();
+                continue;
             }
             let mut progress = false;
             for ql in loads.iter_mut() {
@@ -390,10 +518,8 @@ impl WorkerCtx<'_> {
                     if measuring {
                         lat.push((now - ql.slots[slot].1).as_nanos() as u64);
                     }
-                    if stopping {
+                    if stopping || !self.submit(ql, slot, now) {
                         ql.in_flight -= 1;
-                    } else {
-                        self.submit(ql, slot, now);
                     }
                 }
             }
@@ -431,5 +557,28 @@ impl WorkerCtx<'_> {
             }
         };
         r.map_err(|e| format!("libblkio do_io: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_bijection() {
+        for n in [1u64, 2, 3, 1000, 4096, 16384, 65537] {
+            let p = Permutation::new(n, 42);
+            let mut seen = vec![false; n as usize];
+            for i in 0..n {
+                let x = p.apply(i);
+                assert!(x < n && !seen[x as usize], "n={n} i={i} -> {x}");
+                seen[x as usize] = true;
+            }
+            if n >= 1000 {
+                // Not the identity: most elements move.
+                let fixed = (0..n).filter(|&i| p.apply(i) == i).count() as u64;
+                assert!(fixed < n / 10, "n={n}: {fixed} fixed points");
+            }
+        }
     }
 }

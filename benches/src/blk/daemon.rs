@@ -140,6 +140,22 @@ pub fn cpu_time(pid: u32) -> Result<Duration, String> {
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
+/// Run a command to completion and return its stdout; an error with its output if it fails.
+pub fn run_tool(c: &mut Command) -> Result<String, String> {
+    c.stdin(Stdio::null());
+    let desc = format!("{c:?}");
+    let out = c.output().map_err(|e| format!("{desc}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{desc} failed with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// True if `prog` is an executable file on PATH.
 pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")

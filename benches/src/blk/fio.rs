@@ -21,10 +21,18 @@ pub fn command(
     runtime: Duration,
 ) -> Command {
     let rw = match (wl.op, wl.pattern) {
-        (Op::Read, Pattern::Random) => "randread",
-        (Op::Write, Pattern::Random) => "randwrite",
-        (Op::Read, Pattern::Sequential) => "read",
-        (Op::Write, Pattern::Sequential) => "write",
+        (Op::Read, Pattern::Random) => "randread".to_string(),
+        (Op::Write, Pattern::Random) => "randwrite".to_string(),
+        (Op::Read, Pattern::Sequential) => "read".to_string(),
+        (Op::Write, Pattern::Sequential) => "write".to_string(),
+        // fio's offset modifier: skip this much after each request. fio has no random order
+        // without repeats at a stride, so a shuffled one runs in order.
+        (Op::Read, Pattern::Stride { stride, .. }) => {
+            format!("read:{}", stride.saturating_sub(wl.bs as u64))
+        }
+        (Op::Write, Pattern::Stride { stride, .. }) => {
+            format!("write:{}", stride.saturating_sub(wl.bs as u64))
+        }
     };
     let mut cmd = Command::new("fio");
     cmd.arg("--name=bench")
@@ -153,5 +161,7 @@ pub fn parse(json: &str, wl: &Workload) -> Result<Measurement, String> {
         lat_mean_us: lat_weighted / ios / 1000.0,
         lat_p99_us: p99 / 1000.0,
         cpu_us_per_op: cpu_s * 1e6 / ios,
+        ops_all: ios as u64,
+        cut_short: None,
     })
 }

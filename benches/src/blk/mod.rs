@@ -8,6 +8,7 @@
 mod client;
 pub(crate) mod daemon;
 mod fio;
+pub mod qcow2;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -72,6 +73,14 @@ impl Target {
             Target::Fio => "fio",
         }
     }
+
+    fn color(self) -> (u8, u8, u8) {
+        match self {
+            Target::Vdisk => VDISK_COLOR,
+            Target::Qsd => QSD_COLOR,
+            Target::Fio => GREY,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +93,14 @@ pub enum Op {
 pub enum Pattern {
     Random,
     Sequential,
+    /// One request in every `stride` bytes of the device, each stride visited once: at its
+    /// start and in order, or, if `shuffle`, at a random block of it in a pseudo-random order. The window ends early when a queue
+    /// has covered its share. With the cluster size as the stride, each write is the first
+    /// to its qcow2 cluster.
+    Stride {
+        stride: u64,
+        shuffle: bool,
+    },
 }
 
 /// One point of the matrix: `queues` client queues, each keeping `qd` requests of `bs` bytes in
@@ -130,12 +147,17 @@ pub struct Measurement {
     pub lat_p99_us: f64,
     /// The daemon's CPU time (fio's own for fio) per completed operation.
     pub cpu_us_per_op: f64,
+    /// Operations completed in the whole run, warm-up and drain included (fio: its window).
+    pub ops_all: u64,
+    /// The measured window, if it ended early because a [`Pattern::Stride`] ran out (s).
+    pub cut_short: Option<f64>,
 }
 
-struct Row {
-    workload: usize,
-    target: Target,
-    result: Result<Measurement, String>,
+/// One measured point: workload index, target, result. `T` is the report's target type.
+pub(crate) struct Row<T> {
+    pub workload: usize,
+    pub target: T,
+    pub result: Result<Measurement, String>,
 }
 
 /// Everything about the run the report states.
@@ -155,14 +177,7 @@ struct Meta {
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
-    let (warmup, mut window) = if args.quick {
-        (Duration::from_millis(200), Duration::from_secs(1))
-    } else {
-        (Duration::from_millis(500), Duration::from_secs(3))
-    };
-    if let Some(s) = args.seconds {
-        window = Duration::try_from_secs_f64(s).map_err(|e| format!("--seconds {s}: {e}"))?;
-    }
+    let (warmup, window) = windows(args.quick, args.seconds)?;
     let mut targets = Vec::new();
     for t in [Target::Vdisk, Target::Qsd, Target::Fio] {
         if args.targets.contains(&t) {
@@ -303,13 +318,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                         .unwrap_or_default();
                     Err(format!("not started: {why}"))
                 };
-                match &result {
-                    Ok(m) => eprintln!(
-                        "{:>9.0} IOPS {:>8.1} MiB/s {:>8.1} us {:>7.2} CPU us/op",
-                        m.iops, m.mib_s, m.lat_mean_us, m.cpu_us_per_op
-                    ),
-                    Err(e) => eprintln!("FAILED: {}", e.lines().next().unwrap_or("")),
-                }
+                progress(&result);
                 rows.push(Row {
                     workload: i,
                     target: t,
@@ -330,16 +339,62 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
 
     let md = markdown(&meta, &wls, &targets, &rows);
-    println!("{md}");
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| format!("create {}: {e}", args.out.display()))?;
+    let mode = if meta.direct { "O_DIRECT" } else { "buffered" };
+    let chart = ChartSpec {
+        names: wls.iter().map(|w| w.name.clone()).collect(),
+        series: targets.iter().map(|&t| (t.name(), t.color(), t)).collect(),
+        iops_title: format!("IOPS (thousands), {mode}"),
+        cpu_title: "CPU µs per op (daemon; fio: its own)",
+    };
     let stem = if args.direct { "blk-direct" } else { "blk" };
-    let md_path = args.out.join(format!("{stem}.md"));
-    std::fs::write(&md_path, &md).map_err(|e| format!("write {}: {e}", md_path.display()))?;
-    let png_path = args.out.join(format!("{stem}.png"));
-    draw(&png_path, &meta, &wls, &targets, &rows)?;
-    eprintln!("wrote {} and {}", md_path.display(), png_path.display());
+    write_report(&args.out, stem, &md, &chart, &rows)
+}
 
+/// Warm-up and measured window: about 3 s a point, 1 s with `quick`; `seconds` sets the window.
+pub(crate) fn windows(quick: bool, seconds: Option<f64>) -> Result<(Duration, Duration), String> {
+    let (warmup, mut window) = if quick {
+        (Duration::from_millis(200), Duration::from_secs(1))
+    } else {
+        (Duration::from_millis(500), Duration::from_secs(3))
+    };
+    if let Some(s) = seconds {
+        window = Duration::try_from_secs_f64(s).map_err(|e| format!("--seconds {s}: {e}"))?;
+    }
+    Ok((warmup, window))
+}
+
+/// The chart of a blk report: workload names, one series per `(name, color, target)`, and the
+/// titles of the IOPS and CPU panels.
+pub(crate) struct ChartSpec<'a, T> {
+    pub names: Vec<String>,
+    pub series: Vec<(&'a str, (u8, u8, u8), T)>,
+    pub iops_title: String,
+    pub cpu_title: &'a str,
+}
+
+/// Print the markdown report, write it to `out/stem.md` and the chart to `out/stem.png`; an
+/// error afterwards if any measurement failed.
+pub(crate) fn write_report<T: PartialEq + Copy>(
+    out: &Path,
+    stem: &str,
+    md: &str,
+    chart: &ChartSpec<'_, T>,
+    rows: &[Row<T>],
+) -> Result<(), String> {
+    println!("{md}");
+    std::fs::create_dir_all(out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let md_path = out.join(format!("{stem}.md"));
+    std::fs::write(&md_path, md).map_err(|e| format!("write {}: {e}", md_path.display()))?;
+    let png_path = out.join(format!("{stem}.png"));
+    let panels = panels(
+        &chart.series,
+        chart.names.len(),
+        rows,
+        &chart.iops_title,
+        chart.cpu_title,
+    );
+    chart::draw(&png_path, &chart.names, &panels)?;
+    eprintln!("wrote {} and {}", md_path.display(), png_path.display());
     let failures = rows.iter().filter(|r| r.result.is_err()).count();
     if failures > 0 {
         return Err(format!("{failures} measurements failed (see the report)"));
@@ -351,41 +406,10 @@ pub fn run(args: &Args) -> Result<(), String> {
 fn preflight(args: &Args, targets: &[Target]) -> Result<Option<PathBuf>, String> {
     let mut vdisk = None;
     if targets.contains(&Target::Vdisk) {
-        let path = match &args.vdisk {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| format!("current_exe: {e}"))?
-                .with_file_name("vdisk"),
-        };
-        if !path.is_file() {
-            return Err(format!(
-                "vdisk binary not found at {}: build it with `cargo build --release -p vdisk` \
-                 (or pass --vdisk PATH, or leave it out with --targets qsd,fio)",
-                path.display()
-            ));
-        }
-        let ok = Command::new(&path)
-            .args(["serve", "--help"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            return Err(format!(
-                "`{} serve --help` failed: this vdisk cannot serve yet (leave it out with \
-                 --targets qsd,fio)",
-                path.display()
-            ));
-        }
-        if !path.to_string_lossy().contains("/release/") {
-            eprintln!(
-                "warning: {} does not look like a release build",
-                path.display()
-            );
-        }
-        vdisk = Some(path);
+        vdisk = Some(find_vdisk(
+            args.vdisk.as_deref(),
+            "leave it out with --targets qsd,fio",
+        )?);
     }
     if targets.contains(&Target::Qsd) && !daemon::on_path("qemu-storage-daemon") {
         return Err(
@@ -401,6 +425,45 @@ fn preflight(args: &Args, targets: &[Target]) -> Result<Option<PathBuf>, String>
         );
     }
     Ok(vdisk)
+}
+
+/// The vdisk binary to measure: `arg`, else `vdisk` next to this runner; checked to serve.
+/// `leave_out` tells how to run without it.
+pub(crate) fn find_vdisk(arg: Option<&Path>, leave_out: &str) -> Result<PathBuf, String> {
+    let path = match arg {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("current_exe: {e}"))?
+            .with_file_name("vdisk"),
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "vdisk binary not found at {}: build it with `cargo build --release -p vdisk` \
+             (or pass --vdisk PATH, or {leave_out})",
+            path.display()
+        ));
+    }
+    let ok = Command::new(&path)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        return Err(format!(
+            "`{} serve --help` failed: this vdisk cannot serve yet ({leave_out})",
+            path.display()
+        ));
+    }
+    if !path.to_string_lossy().contains("/release/") {
+        eprintln!(
+            "warning: {} does not look like a release build",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Write `size` bytes of non-zero, non-repeating data (so nothing is sparse or compressible),
@@ -444,48 +507,106 @@ fn start(
 ) -> Result<(DaemonProc, Client), String> {
     let socket = dir.join(format!("{}-{nq}.sock", t.name()));
     let log = dir.join(format!("{}-{nq}.log", t.name()));
+    let export = Export {
+        image,
+        format: ImageFormat::Raw,
+        socket: &socket,
+        nq,
+        direct,
+    };
     let cmd = match t {
-        Target::Vdisk => {
-            let mut c = Command::new(vdisk.ok_or("no vdisk binary")?);
-            c.arg("serve")
-                .arg("--image")
-                .arg(image)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--num-queues")
-                .arg(nq.to_string());
-            if direct {
-                c.arg("--direct");
-            }
-            if std::env::var_os("RUST_LOG").is_none() {
-                c.env("RUST_LOG", "warn");
-            }
-            c
-        }
-        Target::Qsd => {
-            let mut c = Command::new("qemu-storage-daemon");
-            c.arg("--blockdev").arg(format!(
-                "driver=file,node-name=f0,filename={},aio=io_uring,locking=off{}",
-                image.display(),
-                if direct { ",cache.direct=on" } else { "" }
-            ));
-            c.arg("--export").arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={nq}",
-                socket.display()
-            ));
-            c
-        }
+        Target::Vdisk => export.vdisk(vdisk.ok_or("no vdisk binary")?),
+        Target::Qsd => export.qsd(),
         Target::Fio => return Err("fio is not a daemon".to_string()),
     };
-    let d = DaemonProc::spawn(t.name(), cmd, &socket, &log)?;
+    launch(t.name(), cmd, &socket, &log, nq, poll, region)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+/// What a daemon exports: `image` in `format` on `socket` with `nq` queues.
+pub(crate) struct Export<'a> {
+    pub image: &'a Path,
+    pub format: ImageFormat,
+    pub socket: &'a Path,
+    pub nq: usize,
+    pub direct: bool,
+}
+
+impl Export<'_> {
+    /// `vdisk serve` for this export.
+    pub fn vdisk(&self, vdisk: &Path) -> Command {
+        let mut c = Command::new(vdisk);
+        c.arg("serve")
+            .arg("--image")
+            .arg(self.image)
+            .arg("--format")
+            .arg(match self.format {
+                ImageFormat::Raw => "raw",
+                ImageFormat::Qcow2 => "qcow2",
+            })
+            .arg("--socket")
+            .arg(self.socket)
+            .arg("--num-queues")
+            .arg(self.nq.to_string());
+        if self.direct {
+            c.arg("--direct");
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            c.env("RUST_LOG", "warn");
+        }
+        c
+    }
+
+    /// qemu-storage-daemon for this export: the file node (io_uring), a qcow2 node on it
+    /// for qcow2, exported as vhost-user-blk.
+    pub fn qsd(&self) -> Command {
+        let mut c = Command::new("qemu-storage-daemon");
+        c.arg("--blockdev").arg(format!(
+            "driver=file,node-name=f0,filename={},aio=io_uring,locking=off{}",
+            self.image.display(),
+            if self.direct { ",cache.direct=on" } else { "" }
+        ));
+        let node = match self.format {
+            ImageFormat::Raw => "f0",
+            ImageFormat::Qcow2 => {
+                c.arg("--blockdev").arg("driver=qcow2,node-name=q0,file=f0");
+                "q0"
+            }
+        };
+        c.arg("--export").arg(format!(
+            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},\
+             writable=on,num-queues={}",
+            self.socket.display(),
+            self.nq
+        ));
+        c
+    }
+}
+
+/// Spawn a daemon (output in `log`), wait for `socket`, and connect a client with `nq` queues
+/// and a buffer region of `region` bytes.
+pub(crate) fn launch(
+    name: &str,
+    cmd: Command,
+    socket: &Path,
+    log: &Path,
+    nq: usize,
+    poll: bool,
+    region: usize,
+) -> Result<(DaemonProc, Client), String> {
+    let d = DaemonProc::spawn(name, cmd, socket, log)?;
     let c =
-        Client::connect(&socket, nq, poll, region).map_err(|e| format!("{e}\n{}", d.log_tail()))?;
+        Client::connect(socket, nq, poll, region).map_err(|e| format!("{e}\n{}", d.log_tail()))?;
     Ok((d, c))
 }
 
 /// One measured window against a daemon, with its CPU time sampled at both ends.
-fn measure(
+pub(crate) fn measure(
     d: &mut DaemonProc,
     c: &mut Client,
     wl: &Workload,
@@ -533,23 +654,25 @@ fn measure(
         lat_mean_us: mean / 1000.0,
         lat_p99_us: p99 / 1000.0,
         cpu_us_per_op: (cpu1.saturating_sub(cpu0)).as_secs_f64() * 1e6 / ops,
+        ops_all: load.total_ops,
+        cut_short: load.exhausted.then_some(secs),
     })
 }
 
-fn find(rows: &[Row], wl: usize, t: Target) -> Option<&Measurement> {
+pub(crate) fn find<T: PartialEq>(rows: &[Row<T>], wl: usize, t: T) -> Option<&Measurement> {
     rows.iter()
         .find(|r| r.workload == wl && r.target == t)
         .and_then(|r| r.result.as_ref().ok())
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "–".to_string(),
     }
 }
 
-fn markdown(meta: &Meta, wls: &[Workload], targets: &[Target], rows: &[Row]) -> String {
+fn markdown(meta: &Meta, wls: &[Workload], targets: &[Target], rows: &[Row<Target>]) -> String {
     let mut s = String::new();
     let mode = if meta.direct {
         "O_DIRECT"
@@ -612,38 +735,9 @@ fn markdown(meta: &Meta, wls: &[Workload], targets: &[Target], rows: &[Row]) -> 
     for (t, v) in &meta.versions {
         let _ = writeln!(s, "- {}: {}", t.name(), v);
     }
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "| workload | target | IOPS | MiB/s | mean lat (µs) | p99 lat (µs) | CPU µs/op |"
-    );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
-    for (i, wl) in wls.iter().enumerate() {
-        for &t in targets {
-            let Some(r) = rows.iter().find(|r| r.workload == i && r.target == t) else {
-                continue;
-            };
-            match &r.result {
-                Ok(m) => {
-                    let _ = writeln!(
-                        s,
-                        "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |",
-                        wl.name,
-                        t.name(),
-                        m.iops,
-                        m.mib_s,
-                        m.lat_mean_us,
-                        m.lat_p99_us,
-                        m.cpu_us_per_op
-                    );
-                }
-                Err(e) => {
-                    let e = e.lines().next().unwrap_or("").replace('|', "/");
-                    let _ = writeln!(s, "| {} | {} | failed: {e} | | | | |", wl.name, t.name());
-                }
-            }
-        }
-    }
+    let names: Vec<&str> = wls.iter().map(|w| w.name.as_str()).collect();
+    let targets: Vec<(&str, Target)> = targets.iter().map(|&t| (t.name(), t)).collect();
+    results_table(&mut s, &names, &targets, rows, "", &|_, _| String::new());
     let _ = writeln!(s, "\n## Ratios\n");
     let _ = writeln!(
         s,
@@ -680,47 +774,102 @@ fn markdown(meta: &Meta, wls: &[Workload], targets: &[Target], rows: &[Row]) -> 
     s
 }
 
-fn draw(
-    path: &Path,
-    meta: &Meta,
-    wls: &[Workload],
-    targets: &[Target],
-    rows: &[Row],
-) -> Result<(), String> {
-    let names: Vec<String> = wls.iter().map(|w| w.name.clone()).collect();
-    let series = |f: fn(&Measurement) -> f64| -> Vec<chart::Series> {
-        targets
+pub(crate) const VDISK_COLOR: (u8, u8, u8) = (31, 119, 180);
+pub(crate) const QSD_COLOR: (u8, u8, u8) = (255, 127, 14);
+pub(crate) const GREY: (u8, u8, u8) = (140, 140, 140);
+
+/// The panels of a blk chart: IOPS, CPU per op and mean latency over `n` workloads, one
+/// series per `(name, color, target)`.
+pub(crate) fn panels<T: PartialEq + Copy>(
+    series: &[(&str, (u8, u8, u8), T)],
+    n: usize,
+    rows: &[Row<T>],
+    iops_title: &str,
+    cpu_title: &str,
+) -> Vec<chart::Panel> {
+    let make = |f: fn(&Measurement) -> f64| -> Vec<chart::Series> {
+        series
             .iter()
-            .map(|&t| chart::Series {
-                name: t.name().to_string(),
-                color: match t {
-                    Target::Vdisk => (31, 119, 180),
-                    Target::Qsd => (255, 127, 14),
-                    Target::Fio => (140, 140, 140),
-                },
-                values: (0..wls.len()).map(|i| find(rows, i, t).map(f)).collect(),
+            .map(|&(name, color, t)| chart::Series {
+                name: name.to_string(),
+                color,
+                values: (0..n).map(|i| find(rows, i, t).map(f)).collect(),
             })
             .collect()
     };
-    let mode = if meta.direct { "O_DIRECT" } else { "buffered" };
-    let panels = [
+    vec![
         chart::Panel {
-            title: format!("IOPS (thousands), {mode}"),
-            series: series(|m| m.iops / 1000.0),
+            title: iops_title.to_string(),
+            series: make(|m| m.iops / 1000.0),
         },
         chart::Panel {
-            title: "CPU µs per op (daemon; fio: its own)".to_string(),
-            series: series(|m| m.cpu_us_per_op),
+            title: cpu_title.to_string(),
+            series: make(|m| m.cpu_us_per_op),
         },
         chart::Panel {
             title: "mean latency (µs)".to_string(),
-            series: series(|m| m.lat_mean_us),
+            series: make(|m| m.lat_mean_us),
         },
-    ];
-    chart::draw(path, &names, &panels)
+    ]
 }
 
-fn fs_type(dir: &Path) -> String {
+/// The end of a progress line (the point's name is already printed).
+pub(crate) fn progress(result: &Result<Measurement, String>) {
+    match result {
+        Ok(m) => eprintln!(
+            "{:>9.0} IOPS {:>8.1} MiB/s {:>8.1} us {:>7.2} CPU us/op",
+            m.iops, m.mib_s, m.lat_mean_us, m.cpu_us_per_op
+        ),
+        Err(e) => eprintln!("FAILED: {}", e.lines().next().unwrap_or("")),
+    }
+}
+
+/// The results table, after a blank line: a row per workload and measured `(name, target)`
+/// with IOPS, MiB/s, latencies and CPU µs/op, then a column `extra` (none if empty) whose
+/// cell for (workload index, target) `cell` gives.
+pub(crate) fn results_table<T: PartialEq + Copy>(
+    s: &mut String,
+    workloads: &[&str],
+    targets: &[(&str, T)],
+    rows: &[Row<T>],
+    extra: &str,
+    cell: &dyn Fn(usize, T) -> String,
+) {
+    let (head, rule) = if extra.is_empty() {
+        (String::new(), "")
+    } else {
+        (format!(" {extra} |"), "---:|")
+    };
+    let _ = writeln!(
+        s,
+        "\n| workload | target | IOPS | MiB/s | mean lat (µs) | p99 lat (µs) | CPU µs/op |{head}"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|{rule}");
+    for (i, workload) in workloads.iter().enumerate() {
+        for &(target, t) in targets {
+            let Some(r) = rows.iter().find(|r| r.workload == i && r.target == t) else {
+                continue;
+            };
+            let _ = match &r.result {
+                Ok(m) => write!(
+                    s,
+                    "| {workload} | {target} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                    m.iops, m.mib_s, m.lat_mean_us, m.lat_p99_us, m.cpu_us_per_op
+                ),
+                Err(e) => {
+                    let e = e.lines().next().unwrap_or("").replace('|', "/");
+                    write!(s, "| {workload} | {target} | failed: {e} | | | | |")
+                }
+            };
+            if !extra.is_empty() {
+                let _ = write!(s, " {} |", cell(i, t));
+            }
+            let _ = writeln!(s);
+        }
+    }
+}
+
+pub(crate) fn fs_type(dir: &Path) -> String {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return "unknown fs".to_string();
     };

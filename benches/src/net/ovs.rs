@@ -4,10 +4,10 @@
 //! (no --detach): they die with the runner, and [`Ovs`]'s Drop stops them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::blk::daemon::{self, DaemonProc};
+use crate::blk::daemon::{self, run_tool as run, DaemonProc};
 use crate::signals;
 
 /// ovs-vswitchd linked with DPDK (Debian's openvswitch-switch-dpdk), used directly, so a run
@@ -287,21 +287,6 @@ impl Drop for Ovs {
         self.vswitchd.take();
         self.ovsdb.take();
     }
-}
-
-fn run(c: &mut Command) -> Result<String, String> {
-    c.stdin(Stdio::null());
-    let desc = format!("{c:?}");
-    let out: Output = c.output().map_err(|e| format!("{desc}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{desc} failed with {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// True if the OVS-DPDK binaries are installed.
