@@ -148,7 +148,8 @@ fn applies(t: Target, start: Start) -> bool {
 
 /// A point's result and what the run noticed about its image.
 struct Extra {
-    /// Clusters the image file grew by, over all writes of the point (None for reads).
+    /// Clusters the image grew by (its end offset), per write of the point (None for
+    /// reads).
     new_clusters_per_write: Option<f64>,
 }
 
@@ -455,6 +456,19 @@ fn cache(path: &Path) -> Result<(), String> {
 }
 
 /// Allocated bytes of the file (st_blocks).
+/// How far the image's clusters reach into its file: qemu-img's image end offset for
+/// qcow2 (a cluster counts whole even where its tail is a hole the file ends in), the
+/// blocks in use for raw.
+fn image_end(path: &Path, format: ImageFormat) -> Result<u64, String> {
+    if format == ImageFormat::Qcow2 {
+        let v = qemu_img_check(path)?;
+        return v["image-end-offset"]
+            .as_u64()
+            .ok_or_else(|| format!("qemu-img check {}: no image-end-offset", path.display()));
+    }
+    allocated_bytes(path)
+}
+
 fn allocated_bytes(path: &Path) -> Result<u64, String> {
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
@@ -497,7 +511,7 @@ fn point(
         std::fs::copy(src, &image)
             .map_err(|e| format!("copy {} to {}: {e}", src.display(), image.display()))?;
         cache(&image)?;
-        let before = allocated_bytes(&image)?;
+        let before = image_end(&image, format)?;
         let socket = dir.join(format!("{}.sock", t.file_stem()));
         let log = dir.join(format!("{}.log", t.file_stem()));
         let export = Export {
@@ -517,7 +531,7 @@ fn point(
         stop(d, &p.wl.name, notes);
         let m = m?;
         if p.wl.op == Op::Write {
-            let grown = allocated_bytes(&image)?.saturating_sub(before);
+            let grown = image_end(&image, format)?.saturating_sub(before);
             let clusters = grown as f64 / images.cluster as f64;
             extra.new_clusters_per_write = Some(clusters / m.ops_all.max(1) as f64);
             if format == ImageFormat::Qcow2 {
@@ -628,10 +642,12 @@ fn markdown(
         "- CPU µs/op: the daemon's utime+stime (from /proc/PID/stat, all threads) over the \
          measured window divided by the operations completed in it; the client's polling CPU \
          is not counted. Latency: submission to completion as the client sees it. New \
-         clusters/write: the growth of the image file's allocated size (st_blocks) over the \
-         point, in clusters, divided by every write of the point (warm-up included): 1 where \
-         every write allocates a cluster (first-write, snapshot COW), 0 on the allocated \
-         image."
+         clusters/write: how far the image's clusters reach into the file grew over the point \
+         (qemu-img check's image end offset), in clusters, divided by every write of the \
+         point (warm-up included): 1 where every write allocates a cluster (first-write, \
+         snapshot COW), 0 on the allocated image. (The file's allocated blocks would \
+         undercount vdisk, which does not write the zeros of a new cluster's untouched part \
+         past the end of the file.)"
     );
     for (t, v) in &meta.versions {
         let _ = writeln!(s, "- {t}: {v}");
