@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build test demo bench guest
+.PHONY: all setup build test fuzz demo bench guest
 
 all: build
 
@@ -27,6 +27,12 @@ test: setup build
 		echo "cargo-nextest not found; falling back to cargo test"; \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## Build and run the qcow2 fuzz target for FUZZ_SECONDS (default 60) on stable Rust
+## (scripts/fuzz.sh; docs/qcow2.md, "Fuzzing"). CI runs it before `make test`.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 ## Boot a guest on a vdisk-served disk and show what happened (configs/vdisk-demo.toml).
 demo:

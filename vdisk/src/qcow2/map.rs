@@ -106,20 +106,26 @@ impl Qcow2 {
                 "L2 entry for guest offset {guest:#x} points to unaligned host offset {host:#x}"
             )));
         }
-        if entry & ZERO != 0 {
-            return Ok(Entry::Zero {
-                host: (host != 0).then_some(host),
-                copied,
+        if host == 0 {
+            return Ok(if entry & ZERO != 0 {
+                Entry::Zero { host: None, copied }
+            } else {
+                Entry::Unallocated
             });
         }
-        if host == 0 {
-            return Ok(Entry::Unallocated);
-        }
+        // A preallocated zero cluster is written in place like a data cluster, so its
+        // host offset is held to the same bounds.
         if host < self.cluster_size || host >= self.io.len() {
             return Err(self.io.corrupt(format!(
                 "L2 entry for guest offset {guest:#x} points to host offset {host:#x}, which \
                  overlaps the header or lies past the end of the file"
             )));
+        }
+        if entry & ZERO != 0 {
+            return Ok(Entry::Zero {
+                host: Some(host),
+                copied,
+            });
         }
         Ok(Entry::Data { host, copied })
     }

@@ -172,7 +172,12 @@ impl Refcounts {
     /// Add `delta` to a refcount now. Callers use negative deltas only once the mapping
     /// change that dropped the reference is durable. Returns the new refcount.
     pub fn adjust(&mut self, io: &mut ImageFile, cluster: u64, delta: i32) -> Result<u16> {
-        self.ensure_covered(io, cluster)?;
+        // Only an increment needs a block: a cluster no block covers has refcount 0, so a
+        // decrement there fails below instead of creating a block (and growing the file)
+        // for a cluster a corrupt entry named.
+        if delta > 0 {
+            self.ensure_covered(io, cluster)?;
+        }
         let old = self.get(io, cluster)?;
         let new = i64::from(old) + i64::from(delta);
         let new = u16::try_from(new).map_err(|_| {

@@ -136,6 +136,23 @@ pub fn load(io: &ImageFile, header: &Header) -> Result<Vec<Snapshot>> {
         });
         off += entry_len;
     }
+    // Every snapshot has an L1 table of its own. Refusing shared or overlapping ones also
+    // bounds what walking all of them costs (check) by the size of the file: otherwise a
+    // few MiB naming one table from thousands of snapshots cost gigabytes.
+    let mut l1s: Vec<(u64, u64)> = out
+        .iter()
+        .filter(|s| s.l1_size > 0)
+        .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
+        .collect();
+    l1s.sort_unstable();
+    for w in l1s.windows(2) {
+        if w[0].0 + w[0].1 > w[1].0 {
+            return Err(io.corrupt(format!(
+                "snapshot L1 tables at {:#x} and {:#x} overlap",
+                w[0].0, w[1].0
+            )));
+        }
+    }
     Ok(out)
 }
 
@@ -256,6 +273,14 @@ impl Qcow2 {
                     )));
                 }
                 for c in referenced_clusters(e, self.cluster_bits) {
+                    // Never count a reference to the header or past the end of the file:
+                    // an increment there would create refcount blocks far out.
+                    if c == 0 || c >= self.io.len().div_ceil(self.cluster_size) {
+                        return Err(self.io.corrupt(format!(
+                            "L2 table at {l2_off:#x} entry {e:#x} points to the header or \
+                             past the end of the file"
+                        )));
+                    }
                     if self.rc.adjust(&mut self.io, c, delta)? == 0 {
                         freed.push(c);
                     }
