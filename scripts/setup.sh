@@ -37,10 +37,12 @@ declare -A PROVIDES=(
 #                    drivers on vswitch's vhost-user sockets; needs hugepages (see below)
 PACKAGES+=(dpdk-dev)
 PROVIDES[dpdk-dev]=dpdk-testpmd
-# Later (the vswitch benchmark): openvswitch-switch-dpdk, plus update-alternatives for
-# ovs-vswitchd-dpdk (see /work/shared/ENVIRONMENT.md). Not installed yet.
-# PACKAGES+=(openvswitch-switch-dpdk)
-# PROVIDES[openvswitch-switch-dpdk]=ovs-vsctl
+# Open vSwitch with DPDK is only for the benchmark: scripts/setup-bench.sh installs it.
+
+# The qcow2 fuzz target (scripts/fuzz.sh, run by CI):
+#   g++              libfuzzer-sys compiles libFuzzer with the system C++ compiler
+PACKAGES+=(g++)
+PROVIDES[g++]=g++
 
 MISSING="$(missing_packages | tr '\n' ' ')"
 if [ -n "${MISSING// /}" ]; then

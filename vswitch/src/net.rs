@@ -245,6 +245,20 @@ impl TxScratch {
             return false;
         }
         let now = qos.tx.now_ns();
+        // Usually the whole batch fits: one charge. Otherwise frame by frame, to find the
+        // first that does not.
+        let bytes: usize = self
+            .chains
+            .iter()
+            .map(|c| c.3.saturating_sub(NET_HDR_LEN))
+            .sum();
+        if qos
+            .tx
+            .consume_at(bytes as u64, self.chains.len() as u64, now)
+            .is_ok()
+        {
+            return false;
+        }
         for (k, &(_, _, _, total)) in self.chains.iter().enumerate() {
             let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
             let Err(wait) = qos.tx.consume_at(frame_bytes, 1, now) else {

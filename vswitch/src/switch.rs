@@ -413,26 +413,34 @@ impl Switch {
     fn deliver(&self, dst: usize, items: &[Out], ranges: &[HostRange], s: &mut Scratch) {
         let p = &self.ports[dst];
         s.accepted.clear();
+        for o in items {
+            if !p.spec.vlan.carries(o.vlan) {
+                continue;
+            }
+            // The tag never counts towards the MTU, whether it is kept, stripped or added.
+            let tag = if o.tagged { VLAN_HLEN } else { 0 };
+            if o.len.saturating_sub(ETH_HLEN + tag) > usize::from(p.spec.mtu) {
+                p.count_drop(&p.stats.drop_mtu, "frame larger than the port's MTU");
+                continue;
+            }
+            s.accepted.push(*o);
+        }
         {
             let mut qos = p.qos();
-            let now = (!qos.rx.is_unlimited()).then(|| qos.rx.now_ns());
-            for o in items {
-                if !p.spec.vlan.carries(o.vlan) {
-                    continue;
+            if !qos.rx.is_unlimited() {
+                // One charge when the whole batch fits, else frame by frame.
+                let now = qos.rx.now_ns();
+                let bytes: usize = s.accepted.iter().map(|o| o.len).sum();
+                let n = s.accepted.len() as u64;
+                if qos.rx.consume_at(bytes as u64, n, now).is_err() {
+                    s.accepted.retain(|o| {
+                        let ok = qos.rx.consume_at(o.len as u64, 1, now).is_ok();
+                        if !ok {
+                            p.count_drop(&p.stats.drop_qos, "receive rate limit");
+                        }
+                        ok
+                    });
                 }
-                // The tag never counts towards the MTU, whether it is kept, stripped or added.
-                let tag = if o.tagged { VLAN_HLEN } else { 0 };
-                if o.len.saturating_sub(ETH_HLEN + tag) > usize::from(p.spec.mtu) {
-                    p.count_drop(&p.stats.drop_mtu, "frame larger than the port's MTU");
-                    continue;
-                }
-                let policed =
-                    now.is_some_and(|now| qos.rx.consume_at(o.len as u64, 1, now).is_err());
-                if policed {
-                    p.count_drop(&p.stats.drop_qos, "receive rate limit");
-                    continue;
-                }
-                s.accepted.push(*o);
             }
         }
         if s.accepted.is_empty() {
