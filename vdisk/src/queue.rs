@@ -62,6 +62,8 @@ pub struct QueueWorker {
     /// When this thread last went back to its event loop.
     asleep_since: Option<Instant>,
     scratch: Scratch,
+    /// Empty file-read lists of finished qcow2 reads, for the next ones.
+    read_pool: Vec<Vec<FileRead>>,
 }
 
 /// How long polling stays off after the poller was preempted.
@@ -86,6 +88,7 @@ impl QueueWorker {
             poll_window: None,
             asleep_since: None,
             scratch: Scratch::default(),
+            read_pool: Vec::new(),
         }
     }
 
@@ -464,9 +467,14 @@ impl QueueWorker {
     /// A request on a qcow2 image: reads go to the engine extent by extent, the rest runs
     /// inline (see `translate`).
     fn start_qcow2(&mut self, tag: u32, image: &std::sync::Mutex<Qcow2>, dev: &Device) {
+        let (split, reads) = (
+            self.scratch.iovec_buffer(),
+            self.read_pool.pop().unwrap_or_default(),
+        );
         let Some(slot) = self.slots[tag as usize].as_mut() else {
             return;
         };
+        (slot.split, slot.reads) = (split, reads);
         let dsync = !dev.writeback.load(Ordering::Relaxed);
         let result = match &slot.kind {
             Kind::Read { offset, .. } => translate::plan_read(
@@ -602,6 +610,14 @@ impl QueueWorker {
             return;
         };
         self.scratch.recycle(std::mem::take(&mut slot.iovecs));
+        if slot.split.capacity() > 0 {
+            self.scratch.recycle(std::mem::take(&mut slot.split));
+        }
+        if slot.reads.capacity() > 0 && self.read_pool.len() < 1024 {
+            let mut reads = std::mem::take(&mut slot.reads);
+            reads.clear();
+            self.read_pool.push(reads);
+        }
         self.free.push(tag);
         self.inflight -= 1;
         let mut error = slot.error;

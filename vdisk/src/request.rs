@@ -299,6 +299,11 @@ pub struct Scratch {
 unsafe impl Send for Scratch {}
 
 impl Scratch {
+    /// An empty iovec buffer, from the pool when it has one.
+    pub fn iovec_buffer(&mut self) -> Vec<libc::iovec> {
+        self.iovec_pool.pop().unwrap_or_default()
+    }
+
     /// Give back a finished request's iovec buffer.
     pub fn recycle(&mut self, mut iovecs: Vec<libc::iovec>) {
         // Bounded: one buffer per request a queue can hold is all that is ever needed.

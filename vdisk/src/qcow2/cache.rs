@@ -8,6 +8,40 @@
 //! the least recently used goes first.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
+/// Keys are table offsets in the image file, looked up on every request: one folded
+/// multiply hashes them, where SipHash cost more than the rest of the lookup. They come
+/// from the image, but a few dozen cached tables leave nothing to gain from collisions.
+#[derive(Clone, Copy, Debug, Default)]
+struct OffsetHash;
+
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        let full = u128::from(x) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (full as u64) ^ (full >> 64) as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl BuildHasher for OffsetHash {
+    type Hasher = OffsetHasher;
+
+    fn build_hasher(&self) -> OffsetHasher {
+        OffsetHasher(0)
+    }
+}
 
 #[derive(Debug)]
 struct Slot<T> {
@@ -28,7 +62,7 @@ pub struct Evicted<T> {
 #[derive(Debug)]
 pub struct MetaCache<T> {
     slots: Vec<Slot<T>>,
-    index: HashMap<u64, usize>,
+    index: HashMap<u64, usize, OffsetHash>,
     capacity: usize,
     clock: u64,
 }
@@ -39,7 +73,7 @@ impl<T: Copy> MetaCache<T> {
         let capacity = capacity.max(2);
         MetaCache {
             slots: Vec::with_capacity(capacity),
-            index: HashMap::with_capacity(capacity),
+            index: HashMap::with_capacity_and_hasher(capacity, OffsetHash),
             capacity,
             clock: 0,
         }
