@@ -578,6 +578,37 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether the cluster at host offset `host` holds metadata this image knows of
+    /// without reading anything: the header, the L1 table, the refcount table, the
+    /// snapshot table, or an L2 table or refcount block in the caches. A hostile image can
+    /// map a guest cluster onto its own metadata; an in-place write there would corrupt
+    /// the image. (`check` finds every overlap; this catches the ones a write would make
+    /// worst, at the cost of a few compares.)
+    fn is_metadata(&self, host: u64) -> bool {
+        let cs = self.cluster_size;
+        let cluster = host & !(cs - 1);
+        let within = |start: u64, bytes: u64| {
+            let end = start.saturating_add(bytes.max(1));
+            cluster < end && start < cluster + cs
+        };
+        cluster == 0
+            || within(
+                self.header.l1_table_offset,
+                u64::from(self.header.l1_size) * 8,
+            )
+            || within(
+                self.rc.table_offset(),
+                u64::from(self.rc.table_clusters()) * cs,
+            )
+            || (self.header.nb_snapshots > 0
+                && within(
+                    self.header.snapshots_offset,
+                    snapshot::table_bytes(self.list_snapshots()),
+                ))
+            || self.l2_cache.contains(cluster)
+            || self.rc.caches_block(cluster)
+    }
+
     /// Plan a write of `len` bytes at `guest_offset`: allocate the clusters it needs
     /// (refcounts set in the cache) and fill the parts of new clusters it does not cover
     /// (from the old cluster, the backing chain, or zeros). The caller writes the data at
@@ -599,7 +630,15 @@ impl Qcow2 {
             let raw = self.l2_entry(gc)?;
             let entry = self.decode(raw, gc)?;
             let host = match entry {
-                Entry::Data { host, copied: true } => host,
+                Entry::Data { host, copied: true } => {
+                    if self.is_metadata(host) {
+                        return Err(self.io.corrupt(format!(
+                            "guest offset {pos:#x} maps onto the image's own metadata at \
+                             {host:#x}; refusing to write there (run `vdisk image check`)"
+                        )));
+                    }
+                    host
+                }
                 Entry::Compressed => {
                     return Err(Qcow2Error::Compressed {
                         path: self.io.path().to_path_buf(),

@@ -105,6 +105,11 @@ impl Refcounts {
         self.cluster_bits - 1
     }
 
+    /// Whether the refcount block at `offset` is in the cache.
+    pub fn caches_block(&self, offset: u64) -> bool {
+        self.cache.contains(offset)
+    }
+
     pub fn table_offset(&self) -> u64 {
         self.table_offset
     }

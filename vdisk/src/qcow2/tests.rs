@@ -579,3 +579,35 @@ fn dirty_bit_is_repaired_on_writable_open() {
     assert!(!img.is_dirty());
     assert_clean(&mut img);
 }
+
+/// A guest cluster mapped (COPIED, so in place) onto the image's own refcount table, L1
+/// table or a cached L2 table: the write is refused and the metadata stays intact. (An
+/// entry pointing at offset 0, the header, reads as unallocated.)
+#[test]
+fn writes_onto_metadata_are_refused() {
+    let d = tmp();
+    let path = fresh(&d, "overlap.qcow2");
+    let img = Qcow2::open(&path, &OpenOptions::default()).expect("open");
+    let (l1, l2) = (img.header.l1_table_offset, img.l1[0] & OFFSET_MASK);
+    let rt = img.header.refcount_table_offset;
+    img.close().expect("close");
+    for (what, target) in [("refcount table", rt), ("L1 table", l1), ("L2 table", l2)] {
+        // Guest cluster 1's entry, second in the L2 table.
+        patch(&path, l2 + 8, &(COPIED | target).to_be_bytes());
+        let before = std::fs::read(&path).expect("read");
+        let mut img = Qcow2::open(&path, &OpenOptions::default()).expect("open");
+        let err = img
+            .write(65536, &[0xee; 512])
+            .expect_err("must not write over metadata")
+            .to_string();
+        assert!(err.contains("own metadata"), "{what}: {err}");
+        drop(img);
+        let after = std::fs::read(&path).expect("read");
+        assert_eq!(
+            &before[target as usize..target as usize + 512],
+            &after[target as usize..target as usize + 512],
+            "{what} unchanged"
+        );
+        patch(&path, l2 + 8, &0u64.to_be_bytes());
+    }
+}
