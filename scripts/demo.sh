@@ -198,11 +198,11 @@ demo_vdisk() {
     fi
     [ -x "$VDISK" ] || die "$VDISK is not an executable"
 
-    step "Creating a fresh ${SIZE_MIB} MiB raw image"
+    step "Creating a fresh ${SIZE_MIB} MiB thin qcow2 image"
     mkdir -p "$(dirname "$IMAGE")" "$(dirname "$SOCKET")" "$WORK"
     rm -f "$IMAGE" "$CONSOLE" "$VDISK_LOG"
-    truncate -s "${SIZE_MIB}M" "$IMAGE"
-    echo "    $IMAGE ($(du -h --apparent-size "$IMAGE" | cut -f1) apparent, $(du -h "$IMAGE" | cut -f1) allocated)"
+    "$VDISK" image create "$IMAGE" --size "${SIZE_MIB}M" | indent "    "
+    echo "    $IMAGE: $(du -h "$IMAGE" | cut -f1) allocated"
 
     step "Starting vdisk"
     # A socket left by a killed vdisk is replaced by vdisk itself; one with a live vdisk behind
@@ -264,17 +264,12 @@ EOF
     G_SERIAL="$(result serial)"
     G_QUEUES="$(result queues)"
 
-    step "Checking the image from the host (e2fsprogs, no mount needed)"
-    e2fsck -fn "$IMAGE" >"$WORK/e2fsck.log" 2>&1 && FSCK=clean || FSCK="NOT clean (see $WORK/e2fsck.log)"
-    echo "    e2fsck -fn: $FSCK"
-    HELLO="$(debugfs -R "cat /hello.txt" "$IMAGE" 2>/dev/null)"
-    echo "    /hello.txt: $HELLO"
-    rm -f "$WORK/random.bin"
-    debugfs -R "dump /random.bin $WORK/random.bin" "$IMAGE" >/dev/null 2>&1 || true
-    H_SHA="$(sha256sum "$WORK/random.bin" 2>/dev/null | cut -d' ' -f1)"
-    H_BYTES="$(stat -c %s "$WORK/random.bin" 2>/dev/null || echo 0)"
-    echo "    /random.bin: $H_BYTES bytes, sha256 $H_SHA"
-    rm -f "$WORK/random.bin"
+    step "Snapshotting the image online and reading its usage (vdisk ctl)"
+    CTL="$SOCKET.ctl"
+    "$VDISK" ctl --socket "$CTL" snapshot create after-the-guest | indent "    "
+    "$VDISK" ctl --socket "$CTL" snapshot list | indent "    "
+    ALLOCATED="$("$VDISK" ctl --socket "$CTL" --json info | sed -n -E 's/.*"allocated_size":([0-9]+).*/\1/p')"
+    echo "    allocated: $((${ALLOCATED:-0} / 1048576)) MiB of the ${SIZE_MIB} MiB disk"
 
     step "Stopping vdisk with SIGTERM"
     stop_daemon VDISK_RC "$VDISK_PID"
@@ -284,8 +279,28 @@ EOF
     COUNTERS="$(grep -o 'counters: .*' "$VDISK_LOG" | tail -n1 || true)"
     [ -z "$COUNTERS" ] || echo "    vdisk's last log line with $COUNTERS"
 
+    step "Checking the image from the host (qemu-img, then e2fsprogs on a raw copy)"
+    qemu-img check "$IMAGE" >"$WORK/qemu-img-check.log" 2>&1 && QCHECK=clean || QCHECK="NOT clean (see $WORK/qemu-img-check.log)"
+    echo "    qemu-img check: $QCHECK"
+    SNAPS="$(qemu-img snapshot -l "$IMAGE" 2>/dev/null | grep -c after-the-guest || true)"
+    echo "    qemu-img snapshot -l lists after-the-guest: $([ "$SNAPS" = 1 ] && echo yes || echo no)"
+    FLAT="$WORK/flat.raw"
+    rm -f "$FLAT"
+    "$VDISK" image convert "$IMAGE" "$FLAT" --to raw
+    echo "    vdisk image convert --to raw: $FLAT"
+    e2fsck -fn "$FLAT" >"$WORK/e2fsck.log" 2>&1 && FSCK=clean || FSCK="NOT clean (see $WORK/e2fsck.log)"
+    echo "    e2fsck -fn: $FSCK"
+    HELLO="$(debugfs -R "cat /hello.txt" "$FLAT" 2>/dev/null)"
+    echo "    /hello.txt: $HELLO"
+    rm -f "$WORK/random.bin"
+    debugfs -R "dump /random.bin $WORK/random.bin" "$FLAT" >/dev/null 2>&1 || true
+    H_SHA="$(sha256sum "$WORK/random.bin" 2>/dev/null | cut -d' ' -f1)"
+    H_BYTES="$(stat -c %s "$WORK/random.bin" 2>/dev/null || echo 0)"
+    echo "    /random.bin: $H_BYTES bytes, sha256 $H_SHA"
+    rm -f "$WORK/random.bin" "$FLAT"
+
     step "Summary (vdisk)"
-    echo "    vdisk served $IMAGE (${SIZE_MIB} MiB raw, engine $ENGINE, $NUM_QUEUES queue(s)) on $SOCKET."
+    echo "    vdisk served $IMAGE (${SIZE_MIB} MiB thin qcow2, engine $ENGINE, $NUM_QUEUES queue(s)) on $SOCKET."
     echo "    The guest ran in QEMU (TCG) for $BOOT_SECS s, boot included, and saw /dev/vda: $((${G_SIZE:-0} / 1048576)) MiB, serial '$G_SERIAL', using $G_QUEUES blk-mq queue(s) with its 1 vCPU."
     echo "    It made an ext2 filesystem, wrote /hello.txt and ${WRITE_MIB} MiB of random data, remounted and read it back."
     # The conditions are single-quoted on purpose: check() evaluates them.
@@ -294,6 +309,9 @@ EOF
         check "guest saw a ${SIZE_MIB} MiB disk" '[ "${G_SIZE:-0}" = $((SIZE_MIB * 1048576)) ]'
         check "guest saw the configured serial '$SERIAL'" '[ "$G_SERIAL" = "$SERIAL" ]'
         check "guest read back what it wrote after remount (sha256 ${G_SHA:0:16}...)" '[ -n "$G_SHA" ] && [ "$G_SHA" = "$G_SHA2" ]'
+        check "qemu-img check: image clean" '[ "$QCHECK" = clean ]'
+        check "online snapshot taken and listed by qemu-img" '[ "$SNAPS" = 1 ]'
+        check "thin: $((${ALLOCATED:-0} / 1048576)) MiB allocated for a ${SIZE_MIB} MiB disk" '[ -n "$ALLOCATED" ] && [ "$ALLOCATED" -lt $((SIZE_MIB * 1048576)) ]'
         check "host e2fsck: filesystem clean" '[ "$FSCK" = clean ]'
         check "host read /random.bin (${H_BYTES} bytes) with the guest's sha256" '[ -n "$H_SHA" ] && [ "$H_SHA" = "$G_SHA" ] && [ "$H_BYTES" = $((WRITE_MIB * 1048576)) ]'
         check "host read /hello.txt from the image" '[ -n "$HELLO" ]'
