@@ -137,21 +137,13 @@ impl PortBackend {
             self.switch
                 .forward_batch(self.port, &s.frames, &s.ranges, &mut s.switch);
             let full = s.heads.len() == usize::from(TX_BATCH);
-            let old = queue.next_used();
-            let mut used = old;
+            let mut used = ring.used_batch(queue);
             for &head in &s.heads {
-                if head < queue.size() {
-                    ring.put_used(used, head, 0);
-                    used = used.wrapping_add(1);
-                }
+                ring.add_used(&mut used, head, 0);
             }
-            if used != old {
-                ring.publish(used);
-                queue.set_next_used(used);
-                if ring.wants_interrupt(event_idx, old, used) {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!(port = %port.spec.name, "cannot notify the guest: {e}");
-                    }
+            if ring.publish_batch(used, queue, event_idx) {
+                if let Err(e) = state.signal_used_queue() {
+                    warn!(port = %port.spec.name, "cannot notify the guest: {e}");
                 }
             }
             if throttled {

@@ -62,6 +62,12 @@ pub struct Seg {
     pub write: bool,
 }
 
+/// Used elements written since `start` and not yet visible to the driver.
+pub struct UsedBatch {
+    start: u16,
+    next: u16,
+}
+
 /// The three areas of a split virtqueue, translated, for as long as `mem` is held.
 pub struct Ring<'m> {
     mem: &'m Mem,
@@ -216,9 +222,35 @@ impl<'m> Ring<'m> {
         }
     }
 
+    /// Start a batch of used elements at the queue's next used position.
+    pub fn used_batch(&self, queue: &Queue) -> UsedBatch {
+        let n = queue.next_used();
+        UsedBatch { start: n, next: n }
+    }
+
+    /// Return the chain at `head` with `len` bytes written. A head past the table (from
+    /// a bogus avail entry) names no chain and is not returned.
+    pub fn add_used(&self, batch: &mut UsedBatch, head: u16, len: u32) {
+        if head < self.size {
+            self.put_used(batch.next, head, len);
+            batch.next = batch.next.wrapping_add(1);
+        }
+    }
+
+    /// Make the batch visible to the driver with one index store, and record it in
+    /// `queue`. Returns whether the driver asked to be interrupted for it.
+    pub fn publish_batch(&self, batch: UsedBatch, queue: &mut Queue, event_idx: bool) -> bool {
+        if batch.next == batch.start {
+            return false;
+        }
+        self.publish(batch.next);
+        queue.set_next_used(batch.next);
+        self.wants_interrupt(event_idx, batch.start, batch.next)
+    }
+
     /// Write a used element at used position `at` (free-running). The driver sees it only
     /// once `publish` moves the used index past it.
-    pub fn put_used(&self, at: u16, head: u16, len: u32) {
+    fn put_used(&self, at: u16, head: u16, len: u32) {
         let slot = usize::from(at & self.mask);
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
@@ -230,7 +262,7 @@ impl<'m> Ring<'m> {
 
     /// Make the used elements before `idx` (and the buffers they name) visible to the
     /// driver.
-    pub fn publish(&self, idx: u16) {
+    fn publish(&self, idx: u16) {
         // SAFETY: offset 2 of the used area, which is 4-aligned and mapped while `mem` is
         // borrowed; the driver reads it concurrently, hence atomic.
         let used_idx = unsafe { &*self.used.add(2).cast::<AtomicU16>() };
@@ -239,7 +271,7 @@ impl<'m> Ring<'m> {
 
     /// Whether the driver wants an interrupt now that the used index moved from `old` to
     /// `new`: the used event with EVENT_IDX, the NO_INTERRUPT flag without.
-    pub fn wants_interrupt(&self, event_idx: bool, old: u16, new: u16) -> bool {
+    fn wants_interrupt(&self, event_idx: bool, old: u16, new: u16) -> bool {
         // The used index store must be visible before the driver's event is read, or both
         // sides may wait for each other.
         fence(Ordering::SeqCst);

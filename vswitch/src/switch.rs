@@ -571,13 +571,9 @@ impl Switch {
             });
         }
         queue.set_next_avail(next.wrapping_add(taken));
-        let old = queue.next_used();
-        let mut used = old;
+        let mut used = ring.used_batch(queue);
         for &head in &s.bad {
-            if head < queue.size() {
-                ring.put_used(used, head, 0);
-                used = used.wrapping_add(1);
-            }
+            ring.add_used(&mut used, head, 0);
         }
         let mut bytes = 0u64;
         for plan in &s.plans {
@@ -592,21 +588,14 @@ impl Switch {
                 let len = capacity.min(left);
                 left -= len;
                 k += nseg;
-                if head < queue.size() {
-                    ring.put_used(used, head, len as u32);
-                    used = used.wrapping_add(1);
-                }
+                ring.add_used(&mut used, head, len as u32);
             }
             bytes += (plan.total - NET_HDR_LEN) as u64;
         }
         s.dest.clear();
-        if used != old {
-            ring.publish(used);
-            queue.set_next_used(used);
-            if ring.wants_interrupt(event_idx, old, used) {
-                if let Err(e) = state.signal_used_queue() {
-                    warn!(port = %p.spec.name, "cannot notify the guest: {e}");
-                }
+        if ring.publish_batch(used, queue, event_idx) {
+            if let Err(e) = state.signal_used_queue() {
+                warn!(port = %p.spec.name, "cannot notify the guest: {e}");
             }
         }
         if no_room > 0 {
