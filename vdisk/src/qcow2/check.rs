@@ -326,12 +326,7 @@ impl Qcow2 {
             if (l1e & COPIED != 0) != (rc == 1) {
                 errors += 1;
             }
-            self.load_l2(l2_off)?;
-            let table = self
-                .l2_cache
-                .peek(l2_off)
-                .map(|t| t.to_vec())
-                .unwrap_or_default();
+            let table = self.l2_table_copy(l2_off)?;
             for e in table {
                 let host = e & OFFSET_MASK;
                 if e & COMPRESSED != 0 || host == 0 {

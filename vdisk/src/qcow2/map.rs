@@ -140,6 +140,17 @@ impl Qcow2 {
     }
 
     /// Bring an L2 table into the cache.
+    /// A copy of the L2 table at `offset`, loaded into the cache first if need be: for
+    /// walks that change tables while they go through them.
+    pub(crate) fn l2_table_copy(&mut self, offset: u64) -> Result<Vec<u64>> {
+        self.load_l2(offset)?;
+        Ok(self
+            .l2_cache
+            .peek(offset)
+            .map(|t| t.to_vec())
+            .unwrap_or_default())
+    }
+
     pub(crate) fn load_l2(&mut self, offset: u64) -> Result<()> {
         if self.l2_cache.contains(offset) {
             return Ok(());

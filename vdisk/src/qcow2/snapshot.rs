@@ -259,12 +259,7 @@ impl Qcow2 {
                 continue;
             }
             self.check_table_offset(l2_off, "L2 table")?;
-            self.load_l2(l2_off)?;
-            let table = self
-                .l2_cache
-                .peek(l2_off)
-                .map(|t| t.to_vec())
-                .unwrap_or_default();
+            let table = self.l2_table_copy(l2_off)?;
             for e in table {
                 let e = e & !COPIED;
                 if e & COMPRESSED == 0 && !(e & OFFSET_MASK).is_multiple_of(self.cluster_size) {
@@ -316,12 +311,7 @@ impl Qcow2 {
                 self.set_l1(i, l1e ^ COPIED);
                 fixed += 1;
             }
-            self.load_l2(l2_off)?;
-            let mut table = self
-                .l2_cache
-                .peek(l2_off)
-                .map(|t| t.to_vec())
-                .unwrap_or_default();
+            let mut table = self.l2_table_copy(l2_off)?;
             let mut changed = false;
             for e in table.iter_mut() {
                 let host = *e & OFFSET_MASK;
