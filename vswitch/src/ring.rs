@@ -13,13 +13,16 @@
 //! checked, and a bad one is an error naming what was wrong, never an access outside the
 //! guest's memory.
 
+use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::copy::HostRange;
 use crate::net::host_range;
@@ -71,6 +74,10 @@ pub struct UsedBatch {
 /// The three areas of a split virtqueue, translated, for as long as `mem` is held.
 pub struct Ring<'m> {
     mem: &'m Mem,
+    /// The memory region the last buffer was found in (guest start, length, host start):
+    /// a batch's buffers are almost always in one region, and this spares the region
+    /// lookup for each.
+    last_region: Cell<(u64, u64, *mut u8)>,
     desc: *const u8,
     avail: *const u8,
     used: *mut u8,
@@ -99,6 +106,7 @@ impl<'m> Ring<'m> {
         };
         Ok(Ring {
             mem,
+            last_region: Cell::new((0, 0, std::ptr::null_mut())),
             desc: area(
                 queue.desc_table(),
                 usize::from(size) * DESC_SIZE,
@@ -198,7 +206,8 @@ impl<'m> Ring<'m> {
                 {
                     return Err(RingError::IndirectLen(dlen));
                 }
-                let r = host_range(self.mem, GuestAddress(addr), dlen as usize)
+                let r = self
+                    .buffer(addr, dlen as usize)
                     .ok_or(RingError::Buffer { addr, len: dlen })?;
                 table = r.ptr;
                 len = n as u16;
@@ -208,7 +217,8 @@ impl<'m> Ring<'m> {
                 continue;
             }
             if dlen > 0 {
-                let range = host_range(self.mem, GuestAddress(addr), dlen as usize)
+                let range = self
+                    .buffer(addr, dlen as usize)
                     .ok_or(RingError::Buffer { addr, len: dlen })?;
                 out.push(Seg {
                     range,
@@ -220,6 +230,28 @@ impl<'m> Ring<'m> {
             }
             index = next;
         }
+    }
+
+    /// Host address of the guest buffer of `len` bytes at `addr`, if it lies in one memory
+    /// region.
+    fn buffer(&self, addr: u64, len: usize) -> Option<HostRange> {
+        let (mut start, mut size, mut base) = self.last_region.get();
+        if addr.wrapping_sub(start) >= size {
+            let region = self.mem.find_region(GuestAddress(addr))?;
+            start = region.start_addr().raw_value();
+            size = region.len();
+            base = region.get_host_address(MemoryRegionAddress(0)).ok()?;
+            self.last_region.set((start, size, base));
+        }
+        let offset = addr - start;
+        if len as u64 > size - offset {
+            return None;
+        }
+        // wrapping_add: offset < size, so this stays inside the region's mapping.
+        Some(HostRange {
+            ptr: base.wrapping_add(offset as usize),
+            len,
+        })
     }
 
     /// Start a batch of used elements at the queue's next used position.
