@@ -241,6 +241,11 @@ impl Switch {
         {
             let mut fdb = self.fdb();
             let mut qos = None;
+            // Consecutive frames of a flow share their addresses: the previous frame's
+            // learning and lookup stand for theirs (same clock reading; a learn that
+            // changes the table forgets the lookup).
+            let mut learned: Option<(u16, Mac)> = None;
+            let mut looked_up: Option<(u16, Mac, Option<usize>)> = None;
             for f in frames {
                 let hdr = &f.hdr;
                 if sp.spec.anti_spoof && Some(hdr.src) != sp.spec.mac {
@@ -254,9 +259,15 @@ impl Switch {
                         continue;
                     }
                 };
-                if !hdr.src.is_multicast() && !hdr.src.is_zero() {
+                if !hdr.src.is_multicast() && !hdr.src.is_zero() && learned != Some((vlan, hdr.src))
+                {
+                    learned = None;
                     match fdb.learn(vlan, hdr.src, src, now) {
-                        Learned::Refreshed | Learned::New => {}
+                        Learned::Refreshed => learned = Some((vlan, hdr.src)),
+                        Learned::New => {
+                            learned = Some((vlan, hdr.src));
+                            looked_up = None;
+                        }
                         Learned::TableFull => {
                             bump(&sp.stats.fdb_full, 1);
                         }
@@ -268,6 +279,8 @@ impl Switch {
                             continue;
                         }
                         Learned::Moved { from } => {
+                            learned = Some((vlan, hdr.src));
+                            looked_up = None;
                             debug!(mac = %hdr.src, vlan, from = %self.ports[from].spec.name, to = %sp.spec.name, "MAC moved")
                         }
                     }
@@ -275,7 +288,14 @@ impl Switch {
                 let dest = if hdr.dst.is_multicast() {
                     None
                 } else {
-                    fdb.lookup(vlan, hdr.dst, now)
+                    match looked_up {
+                        Some((v, m, d)) if v == vlan && m == hdr.dst => d,
+                        _ => {
+                            let d = fdb.lookup(vlan, hdr.dst, now);
+                            looked_up = Some((vlan, hdr.dst, d));
+                            d
+                        }
+                    }
                 };
                 let to_service = hdr.dst == ServicePort::mac_for(vlan);
                 if dest.is_none() && !to_service {
