@@ -342,9 +342,21 @@ impl Refcounts {
         let mut run = 0u64;
         let mut first_free = None;
         let limit = 1u64 << (56 - self.cluster_bits);
+        // In a sound image only a few clusters past the end of the file have a refcount
+        // (allocated just before a crash, or new metadata). Hostile refcount blocks can
+        // claim all of them: give up then, rather than scan up to the 64 PiB limit.
+        let give_up = (io.len() >> self.cluster_bits)
+            .saturating_add(n)
+            .saturating_add(ALLOC_SCAN_PAST_EOF);
         while run < n {
             if c >= limit {
                 return Err(io.corrupt("the image file has no room left below 64 PiB".into()));
+            }
+            if c > give_up && run == 0 {
+                return Err(io.corrupt(format!(
+                    "the refcounts claim every cluster up to {ALLOC_SCAN_PAST_EOF} past the \
+                     end of the file; no cluster to allocate (run `vdisk image check --repair`)"
+                )));
             }
             self.ensure_covered(io, c)?;
             if self.get(io, c)? == 0 {
@@ -369,6 +381,10 @@ impl Refcounts {
         Ok(start << self.cluster_bits)
     }
 }
+
+/// Clusters past the end of the file the allocator looks at before it calls the
+/// refcounts corrupt.
+const ALLOC_SCAN_PAST_EOF: u64 = 1 << 16;
 
 fn write_block(io: &mut ImageFile, offset: u64, block: &[u16]) -> Result<()> {
     let raw: Vec<u8> = block.iter().flat_map(|e| e.to_be_bytes()).collect();
