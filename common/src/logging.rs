@@ -13,3 +13,16 @@ pub fn init() {
         .with_target(false)
         .try_init();
 }
+
+/// A command's outcome as its exit status: a failure is logged and printed on stderr,
+/// prefixed with the program's name.
+pub fn exit_status(
+    program: &str,
+    result: Result<std::process::ExitCode, String>,
+) -> std::process::ExitCode {
+    result.unwrap_or_else(|e| {
+        tracing::error!("{e}");
+        eprintln!("{program}: {e}");
+        std::process::ExitCode::FAILURE
+    })
+}

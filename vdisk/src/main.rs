@@ -87,12 +87,5 @@ fn main() -> ExitCode {
         Cmd::Snapshot(cmd) => cli::image::run_snapshot(cmd),
         Cmd::Ctl { socket, json, what } => ctl(&socket, json, what),
     };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("vdisk: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::logging::exit_status("vdisk", result)
 }

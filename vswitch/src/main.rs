@@ -112,12 +112,5 @@ fn main() -> ExitCode {
             what,
         } => ctl(socket, config, json, what),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("vswitch: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::logging::exit_status("vswitch", result.map(|()| ExitCode::SUCCESS))
 }
