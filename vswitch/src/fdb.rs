@@ -124,14 +124,7 @@ impl Fdb {
                 return Learned::PortLimit;
             }
             self.per_port[e.port] -= 1;
-            self.per_port[port] += 1;
-            self.entries.insert(
-                key,
-                Entry {
-                    port,
-                    last_seen: now,
-                },
-            );
+            self.place(key, port, now);
             return Learned::Moved { from: e.port };
         }
         if self.entries.len() >= self.capacity {
@@ -144,6 +137,12 @@ impl Fdb {
         if !self.has_room_on(port) {
             return Learned::PortLimit;
         }
+        self.place(key, port, now);
+        Learned::New
+    }
+
+    /// Put `key` on `port`, seen `now`, and count it there.
+    fn place(&mut self, key: u64, port: usize, now: Instant) {
         self.per_port[port] += 1;
         self.entries.insert(
             key,
@@ -152,7 +151,6 @@ impl Fdb {
                 last_seen: now,
             },
         );
-        Learned::New
     }
 
     fn has_room_on(&self, port: usize) -> bool {
