@@ -48,9 +48,15 @@ MISSING="$(missing_packages | tr '\n' ' ')"
 if [ -n "${MISSING// /}" ]; then
     log "missing: $MISSING"
     root_prefix || die "installing packages needs root: run 'sudo $0' (missing: $MISSING)"
-    apt_install "${PACKAGES[@]}"
-    # qemu-system-x86 (QEMU 7.2) displaces a preinstalled newer qemu-utils (from backports),
-    # taking qemu-img and qemu-storage-daemon with it: install qemu-utils again afterwards.
+    # qemu-system-x86 (QEMU 7.2) breaks a preinstalled newer qemu-utils (from backports):
+    # asked for in one command, apt keeps the newer qemu-utils and refuses the lot. So
+    # everything else first (apt then removes the newer qemu-utils, taking qemu-img and
+    # qemu-storage-daemon with it), then qemu-utils at the version that goes with it.
+    OTHERS=()
+    for p in "${PACKAGES[@]}"; do
+        [ "$p" = qemu-utils ] || OTHERS+=("$p")
+    done
+    apt_install "${OTHERS[@]}"
     apt_install qemu-utils
     if ! have qemu-img || ! have qemu-storage-daemon; then
         log "qemu-img/qemu-storage-daemon still missing: reinstalling qemu-utils"
