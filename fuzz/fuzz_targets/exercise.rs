@@ -23,6 +23,7 @@ fn opts(read_only: bool) -> OpenOptions {
         read_only,
         l2_cache_bytes: 16 << 10,
         refcount_cache_bytes: 16 << 10,
+        ..OpenOptions::default()
     }
 }
 
@@ -138,6 +139,18 @@ fn writable(path: &Path) {
     }
     let _ = img.flush();
     exercise_map(&mut img);
+    // Dedupe on a hostile tree: the walk that counts shared clusters, hits on private
+    // and shared candidates, a zero cluster, copy-on-write of a shared cluster and the
+    // private copy of its last reference.
+    if size >= 4 * cs && img.enable_dedupe(4096).is_ok() {
+        let block: Vec<u8> = (0..cs).map(|i| (i % 253) as u8 | 1).collect();
+        for c in 0..3 {
+            let _ = img.write(c * cs, &block);
+        }
+        let _ = img.write(cs, &vec![0; cs as usize]);
+        let _ = img.write(0, &data[..small]);
+        let _ = img.flush();
+    }
     let snaps: Vec<String> = img
         .list_snapshots()
         .iter()

@@ -4,59 +4,17 @@
 //! Missing tools follow the workspace policy (tests/src/lib.rs): skip loudly locally,
 //! fail in CI (env CI set), where .ci/run installs qemu-utils.
 
+mod util;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use util::{ok, qemu_check, require, run, s};
 
 use rand::{Rng, SeedableRng};
 use vdisk::qcow2::{OpenOptions, Qcow2};
 
 const MIB: u64 = 1 << 20;
-
-fn have(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
-}
-
-/// The workspace policy, copied: the e2e crate depends on vdisk, so vdisk cannot use it.
-fn require(what: &str) -> bool {
-    if have(what) {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is required in CI but missing: .ci/run must install it");
-    }
-    eprintln!("SKIP: {what} is missing (run `make setup` to install it)");
-    false
-}
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    out
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn qemu_check(img: &Path) {
-    let out = ok("qemu-img", &["check", s(img)]);
-    assert!(out.contains("No errors were found"), "{out}");
-}
 
 fn vdisk(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_vdisk"), args)

@@ -302,6 +302,7 @@ impl Qcow2 {
             self.release(&freed);
             report.fixed += self.fix_copied()?;
             self.flush()?;
+            self.rebuild_dedupe()?;
             if report.unrepaired == 0 && self.header.dirty() {
                 self.header.incompatible &= !super::header::INCOMPAT_DIRTY;
                 self.write_header()?;

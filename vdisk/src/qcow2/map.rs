@@ -49,6 +49,12 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// The host cluster of a data entry (not zero, not compressed, not unallocated).
+pub fn data_cluster(entry: u64, cluster_bits: u32) -> Option<u64> {
+    let host = entry & OFFSET_MASK;
+    (entry & (COMPRESSED | ZERO) == 0 && host != 0).then_some(host >> cluster_bits)
+}
+
 /// The host clusters an L2 entry holds a reference to (for refcounting).
 pub fn referenced_clusters(entry: u64, cluster_bits: u32) -> std::ops::Range<u64> {
     if entry & COMPRESSED != 0 {
@@ -241,9 +247,11 @@ impl Qcow2 {
         let (l1i, l2i) = self.split(guest_cluster);
         let l2_off = self.ensure_l2_writable(l1i)?;
         self.load_l2(l2_off)?;
+        let mut old = entry;
         if let Some(slot) = self.l2_cache.get_mut(l2_off).and_then(|t| t.get_mut(l2i)) {
-            *slot = entry;
+            old = std::mem::replace(slot, entry);
         }
+        self.note_remap(guest_cluster, old, entry);
         Ok(())
     }
 

@@ -48,6 +48,7 @@
 mod backing;
 mod cache;
 mod check;
+mod dedupe;
 mod error;
 mod header;
 mod io;
@@ -62,12 +63,14 @@ use std::path::{Path, PathBuf};
 
 pub use self::backing::Backing;
 pub use self::check::CheckReport;
+pub use self::dedupe::{side_header, side_path, DedupeStats, SideHeader, DEFAULT_INDEX_BYTES};
 pub use self::error::{Qcow2Error, Result};
 pub use self::header::{Header, MAGIC};
 pub use self::map::{Extent, ExtentKind};
 pub use self::snapshot::Snapshot;
 
 use self::cache::MetaCache;
+use self::dedupe::Dedupe;
 use self::io::{io_err, ImageFile};
 use self::map::{Entry, COPIED, OFFSET_MASK, ZERO};
 use self::refcount::Refcounts;
@@ -89,6 +92,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     pub l2_cache_bytes: u64,
     pub refcount_cache_bytes: u64,
+    /// Memory budget of the dedupe index, for images marked for dedupe.
+    pub dedupe_index_bytes: u64,
 }
 
 impl Default for OpenOptions {
@@ -97,6 +102,7 @@ impl Default for OpenOptions {
             read_only: false,
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
+            dedupe_index_bytes: DEFAULT_INDEX_BYTES,
         }
     }
 }
@@ -171,6 +177,8 @@ pub struct Qcow2 {
     snapshots: Vec<Snapshot>,
     backing: Option<Box<Backing>>,
     counters: Counters,
+    /// Inline dedupe state: images marked for dedupe, opened writable.
+    dedupe: Option<Box<Dedupe>>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -283,6 +291,7 @@ impl Qcow2 {
             snapshots,
             backing: None,
             counters: Counters::default(),
+            dedupe: None,
             header,
             io,
         };
@@ -326,6 +335,9 @@ impl Qcow2 {
             img.header.autoclear = 0;
             img.write_header()?;
             img.io.sync()?;
+        }
+        if !img.read_only && img.dedupe_marked() {
+            img.start_dedupe(opts.dedupe_index_bytes)?;
         }
         Ok(img)
     }
@@ -584,7 +596,7 @@ impl Qcow2 {
     /// map a guest cluster onto its own metadata; an in-place write there would corrupt
     /// the image. (`check` finds every overlap; this catches the ones a write would make
     /// worst, at the cost of a few compares.)
-    fn is_metadata(&self, host: u64) -> bool {
+    pub(crate) fn is_metadata(&self, host: u64) -> bool {
         let cs = self.cluster_size;
         let cluster = host & !(cs - 1);
         let within = |start: u64, bytes: u64| {
@@ -729,6 +741,7 @@ impl Qcow2 {
                 self.rc.queue_free(c);
             }
         }
+        self.settle_dedupe()?;
         self.maybe_flush_frees()
     }
 
@@ -739,8 +752,16 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Write guest data (prepare, write, commit).
+    /// Write guest data: with dedupe, cluster by cluster through [`Qcow2::write_dedupe`];
+    /// otherwise prepare, write, commit.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.dedupe.is_some() {
+            return self.write_dedupe(offset, data);
+        }
+        self.write_plain(offset, data)
+    }
+
+    pub(crate) fn write_plain(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let plan = self.prepare_write(offset, data.len() as u64)?;
         for s in plan.segments() {
             let a = (s.guest_offset - offset) as usize;
@@ -763,7 +784,13 @@ impl Qcow2 {
         self.zero_or_discard(offset, len, unmap, true)
     }
 
-    fn zero_or_discard(&mut self, offset: u64, len: u64, unmap: bool, zero: bool) -> Result<()> {
+    pub(crate) fn zero_or_discard(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        zero: bool,
+    ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size;
@@ -802,6 +829,7 @@ impl Qcow2 {
                 }
             }
             pos += n;
+            self.settle_dedupe()?;
             self.maybe_flush_frees()?;
         }
         Ok(())
@@ -858,6 +886,7 @@ impl Qcow2 {
     /// Flush and close. Clears the dirty bit if it is set.
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
+        self.save_dedupe_index();
         if !self.read_only && self.header.dirty() {
             self.header.incompatible &= !header::INCOMPAT_DIRTY;
             self.write_header()?;

@@ -462,6 +462,7 @@ impl Qcow2 {
         }
         self.release(&freed);
         self.fix_copied()?;
+        self.rebuild_dedupe()?;
         self.flush()
     }
 }

@@ -19,6 +19,7 @@ fn small_cache() -> OpenOptions {
         read_only: false,
         l2_cache_bytes: 0,
         refcount_cache_bytes: 0,
+        ..OpenOptions::default()
     }
 }
 
