@@ -2,7 +2,8 @@
 //!
 //! Every write carries a generation number and its offset in its first 16 bytes, and a
 //! byte stream derived from both in the rest, so a block read back names the write it came
-//! from and shows whether it is whole. For each block the model keeps the generation that
+//! from and shows whether it is whole. (The few shared contents a dedupe campaign writes
+//! at many offsets carry an id that is no offset instead.) For each block the model keeps the generation that
 //! a completed flush made durable and the generations written since (acknowledged or in
 //! flight when the daemon died). After a crash the block must hold one of those: anything
 //! older means an acknowledged, flushed write was lost; anything else is corruption.
@@ -47,7 +48,17 @@ pub fn content(offset: u64, generation: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// Which generation `data`, read at `offset`, is; an error says why it is none.
+/// Ids of the few contents a dedupe campaign writes at many offsets: the id is what
+/// `content` embeds in place of an offset (never a real one), with generation 1.
+pub const DUP_BASE: u64 = 1 << 62;
+
+/// The bytes of shared content `p`: the same at every offset, so dedupe can share them.
+pub fn dup_content(p: u64, len: usize) -> Vec<u8> {
+    content(DUP_BASE + p, 1, len)
+}
+
+/// Which generation `data`, read at `offset`, is (for shared content, its id); an error
+/// says why it is none.
 pub fn identify(offset: u64, data: &[u8]) -> Result<u64, String> {
     if data.iter().all(|&b| b == 0) {
         return Ok(ZEROES);
@@ -58,6 +69,9 @@ pub fn identify(offset: u64, data: &[u8]) -> Result<u64, String> {
         u64::from_le_bytes(w)
     };
     let (at, generation) = (word(0), word(8));
+    if at >= DUP_BASE && generation == 1 && data == content(at, 1, data.len()).as_slice() {
+        return Ok(at);
+    }
     if at != offset {
         return Err(format!(
             "block {offset:#x} holds data written for offset {at:#x} (generation {generation})"
@@ -99,6 +113,11 @@ impl Model {
         self.next_generation += 1;
         self.issued(offset, generation);
         generation
+    }
+
+    /// A write of shared content `p` ([`dup_content`]) about to be issued at `offset`.
+    pub fn write_dup(&mut self, offset: u64, p: u64) {
+        self.issued(offset, DUP_BASE + p);
     }
 
     /// Write-zeroes or discard about to be issued at `offset`.
@@ -180,5 +199,10 @@ mod tests {
         );
         m.zero(4096);
         assert!(m.verify(4096, &vec![0; 4096]).is_ok());
+        // Shared content is accepted where it was written, and nowhere else.
+        m.write_dup(4096, 3);
+        assert!(m.verify(8192, &dup_content(3, 4096)).is_err());
+        assert!(m.verify(4096, &dup_content(2, 4096)).is_err());
+        assert!(m.verify(4096, &dup_content(3, 4096)).is_ok());
     }
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::blk::{Blk, Options};
-use e2e::crash::{content, Model, Rng};
+use e2e::crash::{content, dup_content, Model, Rng};
 use e2e::Daemon;
 
 const BLOCK: usize = 4096;
@@ -59,8 +59,18 @@ fn verify_all(blk: &mut Blk, model: &mut Model, cycle: usize, seed: u64) {
     );
 }
 
-/// Write until the daemon dies under us; returns how many operations completed.
-fn write_until_killed(blk: &mut Blk, model: &mut Model, rng: &mut Rng, slots: &[u64]) -> u64 {
+/// Shared contents a dedupe campaign draws from.
+const DUP_CONTENTS: u64 = 8;
+
+/// Write until the daemon dies under us; returns how many operations completed. With
+/// `dups`, half the writes are one of a few shared contents, for dedupe to find.
+fn write_until_killed(
+    blk: &mut Blk,
+    model: &mut Model,
+    rng: &mut Rng,
+    slots: &[u64],
+    dups: bool,
+) -> u64 {
     let mut done = 0u64;
     let mut since_flush = 0u64;
     loop {
@@ -69,6 +79,16 @@ fn write_until_killed(blk: &mut Blk, model: &mut Model, rng: &mut Rng, slots: &[
             0 => {
                 model.zero(offset);
                 blk.write_zeroes(offset, BLOCK as u64, true).is_ok()
+            }
+            1 if dups => {
+                // Zeros written as data: dedupe stores them as zero clusters.
+                model.zero(offset);
+                blk.write(offset, &[0; BLOCK]).is_ok()
+            }
+            2..=5 if dups => {
+                let p = rng.below(DUP_CONTENTS);
+                model.write_dup(offset, p);
+                blk.write(offset, &dup_content(p, BLOCK)).is_ok()
             }
             _ => {
                 let generation = model.write(offset);
@@ -94,7 +114,7 @@ fn write_until_killed(blk: &mut Blk, model: &mut Model, rng: &mut Rng, slots: &[
 /// What to check on the image file between a kill and the restart.
 type Inspect = fn(&Path, usize);
 
-fn campaign(image: &Path, socket: &Path, extra: &[&str], inspect: Inspect) {
+fn campaign(image: &Path, socket: &Path, extra: &[&str], inspect: Inspect, dups: bool) {
     let seed = seed();
     let cycles = cycles();
     eprintln!("crash campaign: {cycles} cycles, CRASH_SEED={seed}");
@@ -121,7 +141,7 @@ fn campaign(image: &Path, socket: &Path, extra: &[&str], inspect: Inspect) {
             // SAFETY: kill() on our own child's pid with a valid signal; no memory effects.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         });
-        ops += write_until_killed(&mut blk, &mut model, &mut rng, &slots);
+        ops += write_until_killed(&mut blk, &mut model, &mut rng, &slots, dups);
         killer.join().expect("killer thread");
         drop(blk);
         drop(daemon);
@@ -148,7 +168,13 @@ fn raw_image_survives_kill_9() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(DISK))
         .expect("create image");
-    campaign(&image, &dir.path().join("vdisk.sock"), &[], |_, _| {});
+    campaign(
+        &image,
+        &dir.path().join("vdisk.sock"),
+        &[],
+        |_, _| {},
+        false,
+    );
 }
 
 /// `qemu-img check` and `vdisk image check` on a killed daemon's qcow2 image: leaked
@@ -179,8 +205,9 @@ fn check_qcow2(image: &Path, cycle: usize) {
     );
 }
 
-#[test]
-fn qcow2_image_survives_kill_9() {
+/// A qcow2 image made by `vdisk image create` with `create_args`, killed `cycles()`
+/// times under load, then repaired: both checkers must find it clean.
+fn qcow2_campaign(create_args: &[&str], dups: bool) {
     if !e2e::require(
         "qemu-img (package qemu-utils)",
         e2e::have_program("qemu-img"),
@@ -193,10 +220,17 @@ fn qcow2_image_survives_kill_9() {
         .args(["image", "create"])
         .arg(&image)
         .args(["--size", &DISK.to_string()])
+        .args(create_args)
         .status()
         .expect("run vdisk image create");
     assert!(status.success(), "vdisk image create failed");
-    campaign(&image, &dir.path().join("vdisk.sock"), &[], check_qcow2);
+    campaign(
+        &image,
+        &dir.path().join("vdisk.sock"),
+        &[],
+        check_qcow2,
+        dups,
+    );
     // After the last restart's flush-free end: repair reclaims the leaks, and both
     // checkers then find the image clean.
     let status = Command::new(e2e::bin("vdisk"))
@@ -216,4 +250,32 @@ fn qcow2_image_survives_kill_9() {
         "qemu-img check after repair:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    if dups {
+        let out = Command::new(e2e::bin("vdisk"))
+            .args(["image", "info", "--json"])
+            .arg(&image)
+            .output()
+            .expect("run vdisk image info");
+        let info: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("vdisk image info --json");
+        let ratio = info["dedupe"]["ratio"].as_f64().unwrap_or(0.0);
+        eprintln!("dedupe after the campaign: {}", info["dedupe"]);
+        assert!(
+            ratio > 1.2,
+            "the campaign wrote few distinct blocks, yet dedupe shares little: {}",
+            info["dedupe"]
+        );
+    }
+}
+
+#[test]
+fn qcow2_image_survives_kill_9() {
+    qcow2_campaign(&[], false);
+}
+
+/// The same with dedupe on, and half the writes duplicates of a few blocks: every kill
+/// lands amid shared clusters being created, referenced, copied and freed.
+#[test]
+fn qcow2_dedupe_image_survives_kill_9() {
+    qcow2_campaign(&["--dedupe"], true);
 }

@@ -111,7 +111,7 @@ impl BlkBackend {
             self.worker(q).drain(&self.inner.dev, true);
         }
         self.log_stats();
-        self.inner.dev.flush().map_err(io::Error::other)
+        self.inner.dev.shutdown_flush().map_err(io::Error::other)
     }
 
     pub fn log_stats(&self) {

@@ -57,6 +57,15 @@ pub struct ServeArgs {
     /// itself while the core is contended [default: 20].
     #[arg(long)]
     pub poll_us: Option<u32>,
+    /// Deduplicate whole-cluster writes of a qcow2 image inline; the image is marked, so
+    /// later serves keep doing it (images made with `vdisk image create --dedupe` are
+    /// already marked).
+    #[arg(long)]
+    pub dedupe: bool,
+    /// Memory budget of the dedupe index in MiB, 1 to 65536: 4 bytes per cluster
+    /// indexed; when full, the oldest entries go [default: 64].
+    #[arg(long)]
+    pub dedupe_index_mib: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -73,6 +82,8 @@ struct FileServe {
     direct: Option<bool>,
     serial: Option<String>,
     poll_us: Option<u32>,
+    dedupe: Option<bool>,
+    dedupe_index_mib: Option<u64>,
 }
 
 /// Other tables (for example the demo's) may share the file.
@@ -95,6 +106,8 @@ pub struct ServeConfig {
     pub direct: bool,
     pub serial: String,
     pub poll_us: u32,
+    pub dedupe: bool,
+    pub dedupe_index_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +202,26 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 why: "must be at most 1000",
             });
         }
+        let dedupe_index_mib = args
+            .dedupe_index_mib
+            .or(file.dedupe_index_mib)
+            .unwrap_or(crate::qcow2::DEFAULT_INDEX_BYTES >> 20);
+        if !(1..=65536).contains(&dedupe_index_mib) {
+            return Err(ConfigError::Invalid {
+                key: "dedupe-index-mib",
+                value: dedupe_index_mib.to_string(),
+                why: "must be between 1 and 65536",
+            });
+        }
+        let dedupe = args.dedupe || file.dedupe.unwrap_or(false);
+        let readonly = args.readonly || file.readonly.unwrap_or(false);
+        if dedupe && readonly {
+            return Err(ConfigError::Invalid {
+                key: "dedupe",
+                value: "true".into(),
+                why: "a read-only export writes nothing to deduplicate",
+            });
+        }
         let control_socket = args
             .control_socket
             .or(file.control_socket)
@@ -198,13 +231,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
             format: args.format.or(file.format).unwrap_or(FormatKind::Auto),
             socket,
             control_socket,
-            readonly: args.readonly || file.readonly.unwrap_or(false),
+            readonly,
             num_queues,
             queue_size,
             engine: args.engine.or(file.engine).unwrap_or(EngineKind::IoUring),
             direct: args.direct || file.direct.unwrap_or(false),
             serial,
             poll_us,
+            dedupe,
+            dedupe_index_bytes: dedupe_index_mib << 20,
         })
     }
 }

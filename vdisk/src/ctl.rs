@@ -71,6 +71,14 @@ fn handle(backend: &BlkBackend, req: Request) -> Value {
                 counters.insert("freed_clusters".into(), json!(c.freed_clusters));
                 counters.insert("cow_clusters".into(), json!(c.cow_clusters));
                 counters.insert("metadata_syncs".into(), json!(c.syncs));
+                if let Some(d) = lock(q).dedupe_stats() {
+                    if let Ok(Value::Object(m)) = serde_json::to_value(d) {
+                        for (k, v) in m {
+                            counters.insert(format!("dedupe_{k}"), v);
+                        }
+                    }
+                    counters.insert("dedupe_ratio".into(), json!(d.ratio()));
+                }
             }
             json!({ "counters": counters })
         }

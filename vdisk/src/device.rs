@@ -105,6 +105,15 @@ impl Device {
         }
     }
 
+    /// [`Device::flush`], and for qcow2 what a clean close keeps besides (the dedupe
+    /// index, for the next serve).
+    pub fn shutdown_flush(&self) -> Result<(), String> {
+        match &self.format {
+            Format::Raw => self.flush(),
+            Format::Qcow2(q) => crate::translate::shutdown(q).map_err(|e| e.to_string()),
+        }
+    }
+
     pub fn features(&self) -> u64 {
         let mut f = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX

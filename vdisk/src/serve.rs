@@ -26,6 +26,8 @@ pub enum ServeError {
     Signals(std::io::Error),
     #[error("cannot start the control socket thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}: --dedupe needs a qcow2 image (raw images have no refcounts to share clusters with); convert it with `vdisk image convert` first")]
+    DedupeNeedsQcow2(std::path::PathBuf),
 }
 
 struct Hooks(BlkBackend);
@@ -50,10 +52,18 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let format = if qcow2 {
         let opts = OpenOptions {
             read_only: cfg.readonly,
+            dedupe_index_bytes: cfg.dedupe_index_bytes,
             ..OpenOptions::default()
         };
-        Format::Qcow2(Box::new(Mutex::new(Qcow2::open(&cfg.image, &opts)?)))
+        let mut img = Qcow2::open(&cfg.image, &opts)?;
+        if cfg.dedupe {
+            img.enable_dedupe(cfg.dedupe_index_bytes)?;
+        }
+        Format::Qcow2(Box::new(Mutex::new(img)))
     } else {
+        if cfg.dedupe {
+            return Err(ServeError::DedupeNeedsQcow2(cfg.image.clone()));
+        }
         Format::Raw
     };
     let image = Arc::new(RawImage::open(&cfg.image, cfg.readonly, cfg.direct)?);

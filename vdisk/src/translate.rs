@@ -100,6 +100,31 @@ fn fill_iovecs(iovecs: &[libc::iovec], data: Option<&[u8]>) {
     }
 }
 
+/// Copy `iovecs` (guest memory) into `out`, which is as long as they are together.
+fn gather_iovecs(iovecs: &[libc::iovec], out: &mut [u8]) {
+    let mut done = 0usize;
+    for v in iovecs {
+        // SAFETY: as in `fill_iovecs`: the iovecs were checked against the guest mapping
+        // the caller holds, and `out` holds their total length.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                v.iov_base.cast::<u8>(),
+                out[done..done + v.iov_len].as_mut_ptr(),
+                v.iov_len,
+            );
+        }
+        done += v.iov_len;
+    }
+}
+
+/// Make everything durable and keep what a clean close keeps (the dedupe index).
+pub fn shutdown(q: &Mutex<Qcow2>) -> Result<(), TranslateError> {
+    let mut image = lock(q);
+    image.flush()?;
+    image.save_dedupe_index();
+    Ok(())
+}
+
 /// Map a read of `iovecs` at guest `offset`: zero and unallocated extents are filled now;
 /// data extents are returned as file reads over `split` (which receives their iovecs).
 pub fn plan_read(
@@ -166,6 +191,16 @@ pub fn write(
 ) -> Result<(), TranslateError> {
     let total: usize = iovecs.iter().map(|v| v.iov_len).sum();
     let mut image = lock(q);
+    if image.dedupe_on() {
+        // Dedupe decides where each cluster goes from its bytes: gather them first.
+        let mut data = vec![0u8; total];
+        gather_iovecs(iovecs, &mut data);
+        image.write(offset, &data)?;
+        if dsync {
+            image.flush()?;
+        }
+        return Ok(());
+    }
     let plan = image.prepare_write(offset, total as u64)?;
     let fd = image.file().as_raw_fd();
     let mut piece = Vec::new();

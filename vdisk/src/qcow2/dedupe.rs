@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::error::{Qcow2Error, Result};
@@ -161,25 +161,53 @@ impl Index {
         self.slots.len() as u64 * 4
     }
 
-    /// Write the index to `path` (through a temporary file and a rename, so that a
-    /// reader sees a whole file or none). Not synced: losing it loses matches only.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+    /// Write the index and the running totals `stats` to `path` (through a temporary
+    /// file and a rename, so that a reader sees a whole file or none). Not synced: losing
+    /// it loses matches and totals only.
+    pub fn save(&self, path: &Path, stats: &DedupeStats) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let tmp = side_tmp(path);
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        f.write_all(SIDE_MAGIC)?;
-        f.write_all(&self.guest_bits.to_le_bytes())?;
-        f.write_all(&(self.slots.len() as u64).to_le_bytes())?;
-        f.write_all(&self.entries.to_le_bytes())?;
-        for s in &self.slots {
-            f.write_all(&s.to_le_bytes())?;
+        let f = std::fs::File::create(&tmp)?;
+        let mut head = Vec::with_capacity(SIDE_TABLE_OFFSET as usize);
+        head.extend_from_slice(SIDE_MAGIC);
+        head.extend_from_slice(&self.guest_bits.to_le_bytes());
+        for v in [
+            self.slots.len() as u64,
+            self.entries,
+            stats.hits,
+            stats.misses,
+            stats.zero_clusters,
+            stats.logical_bytes_written,
+            stats.physical_bytes_written,
+        ] {
+            head.extend_from_slice(&v.to_le_bytes());
         }
-        f.into_inner().map_err(|e| e.into_error())?;
+        f.write_all_at(&head, 0)?;
+        // Empty pages of the table stay holes: a large, sparsely filled index costs
+        // little disk and little time.
+        let mut page = Vec::with_capacity(SIDE_PAGE_SLOTS * 4);
+        for (i, chunk) in self.slots.chunks(SIDE_PAGE_SLOTS).enumerate() {
+            if chunk.iter().all(|&s| s == 0) {
+                continue;
+            }
+            page.clear();
+            for s in chunk {
+                page.extend_from_slice(&s.to_le_bytes());
+            }
+            f.write_all_at(&page, SIDE_TABLE_OFFSET + (i * SIDE_PAGE_SLOTS * 4) as u64)?;
+        }
+        f.set_len(SIDE_TABLE_OFFSET + self.slots.len() as u64 * 4)?;
+        drop(f);
         std::fs::rename(&tmp, path)
     }
 
-    /// Load an index saved by [`Index::save`] for the same image geometry and budget.
-    /// `Ok(None)` when there is none or it does not fit (the index then starts empty).
-    pub fn load(path: &Path, budget: u64, guest_clusters: u64) -> std::io::Result<Option<Index>> {
+    /// Load what [`Index::save`] wrote: the totals, and the index if it was saved for the
+    /// same image geometry and budget (else `None`: the index starts empty).
+    pub fn load(
+        path: &Path,
+        budget: u64,
+        guest_clusters: u64,
+    ) -> std::io::Result<Option<(Option<Index>, SideHeader)>> {
         let mut f = match std::fs::File::open(path) {
             Ok(f) => std::io::BufReader::new(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -190,44 +218,61 @@ impl Index {
             return Ok(None);
         };
         if head.guest_bits != idx.guest_bits || head.slots != idx.slots.len() as u64 {
-            return Ok(None);
+            return Ok(Some((None, head)));
         }
+        let mut pad = vec![0u8; SIDE_TABLE_OFFSET as usize - SIDE_HEADER_BYTES];
         let mut raw = vec![0u8; idx.slots.len() * 4];
-        if f.read_exact(&mut raw).is_err() {
+        if f.read_exact(&mut pad).is_err() || f.read_exact(&mut raw).is_err() {
             return Ok(None);
         }
         for (s, c) in idx.slots.iter_mut().zip(raw.chunks_exact(4)) {
             *s = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         }
         idx.entries = idx.slots.iter().filter(|&&s| s != 0).count() as u64;
-        Ok(Some(idx))
+        Ok(Some((Some(idx), head)))
     }
 }
 
-const SIDE_MAGIC: &[u8; 8] = b"VDDEDUP1";
+const SIDE_MAGIC: &[u8; 8] = b"VDDEDUP2";
 
-/// What the side file's header says.
+/// What the side file's header says: the index's geometry, and the running totals of
+/// the dedupe counters up to the clean close that wrote it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SideHeader {
     pub guest_bits: u32,
     pub slots: u64,
     pub entries: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub zero_clusters: u64,
+    pub logical_bytes_written: u64,
+    pub physical_bytes_written: u64,
 }
 
+const SIDE_HEADER_BYTES: usize = 12 + 7 * 8;
+/// The table starts at the second page of the side file.
+const SIDE_TABLE_OFFSET: u64 = 4096;
+const SIDE_PAGE_SLOTS: usize = 1024;
+
 fn read_side_header(f: &mut impl Read) -> std::io::Result<Option<SideHeader>> {
-    let mut raw = [0u8; 28];
+    let mut raw = [0u8; SIDE_HEADER_BYTES];
     if f.read_exact(&mut raw).is_err() || &raw[..8] != SIDE_MAGIC {
         return Ok(None);
     }
-    let u64_at = |at: usize| {
+    let u64_at = |i: usize| {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&raw[at..at + 8]);
+        b.copy_from_slice(&raw[12 + 8 * i..20 + 8 * i]);
         u64::from_le_bytes(b)
     };
     Ok(Some(SideHeader {
         guest_bits: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
-        slots: u64_at(12),
-        entries: u64_at(20),
+        slots: u64_at(0),
+        entries: u64_at(1),
+        hits: u64_at(2),
+        misses: u64_at(3),
+        zero_clusters: u64_at(4),
+        logical_bytes_written: u64_at(5),
+        physical_bytes_written: u64_at(6),
     }))
 }
 
@@ -318,14 +363,13 @@ pub fn shared_from_pairs(mut pairs: Vec<(u64, u64)>) -> Shared {
     out
 }
 
-/// Counters of the dedupe path since the image was opened, and the state of the active
-/// tree.
+/// Counters of the dedupe path (running totals over clean closes: a crash loses the
+/// counts since the last one), and the state of the active tree.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DedupeStats {
-    /// Bytes the guest wrote since the image was opened.
+    /// Bytes the guest wrote.
     pub logical_bytes_written: u64,
-    /// Bytes of guest data written to the file since the image was opened (cluster
-    /// copies included).
+    /// Bytes of guest data written to the file (cluster copies included).
     pub physical_bytes_written: u64,
     /// Data the active image maps: what it would store without dedupe.
     pub logical_bytes: u64,
@@ -401,6 +445,11 @@ impl Dedupe {
 }
 
 impl Qcow2 {
+    /// Whether writes are being deduplicated (a marked image, open writable).
+    pub fn dedupe_on(&self) -> bool {
+        self.dedupe.is_some()
+    }
+
     /// Whether the image is marked for dedupe (the [`EXT_DEDUPE`] header extension).
     pub fn dedupe_marked(&self) -> bool {
         self.header
@@ -447,17 +496,26 @@ impl Qcow2 {
         let (mapped, pairs) = self.walk_active()?;
         let shared = shared_from_pairs(pairs);
         let side_file = side_path(self.io.path());
-        let index = match Index::load(&side_file, index_bytes, guest_clusters) {
-            Ok(Some(idx)) => idx,
-            Ok(None) => Index::new(index_bytes, guest_clusters),
+        let (index, totals) = match Index::load(&side_file, index_bytes, guest_clusters) {
+            Ok(Some((idx, head))) => (idx, Some(head)),
+            Ok(None) => (None, None),
             Err(e) => {
                 tracing::warn!(
                     "{}: dedupe index unreadable ({e}); starting empty",
                     side_file.display()
                 );
-                Index::new(index_bytes, guest_clusters)
+                (None, None)
             }
         };
+        let index = index.unwrap_or_else(|| Index::new(index_bytes, guest_clusters));
+        let stats = totals.map_or_else(DedupeStats::default, |h| DedupeStats {
+            hits: h.hits,
+            misses: h.misses,
+            zero_clusters: h.zero_clusters,
+            logical_bytes_written: h.logical_bytes_written,
+            physical_bytes_written: h.physical_bytes_written,
+            ..DedupeStats::default()
+        });
         // The side file describes the image as it was closed; from now on it would go
         // stale, and a crash must not leave it behind as if it were current. (A stale
         // index would still be safe, every candidate is compared byte for byte, but it
@@ -480,7 +538,7 @@ impl Qcow2 {
             shared,
             mapped,
             relocations: Vec::new(),
-            stats: DedupeStats::default(),
+            stats,
             side_file,
             candidates: Vec::new(),
             scratch: vec![0; self.cluster_size as usize],
@@ -793,7 +851,7 @@ impl Qcow2 {
         let Some(d) = self.dedupe.as_deref() else {
             return;
         };
-        match d.index.save(&d.side_file) {
+        match d.index.save(&d.side_file, &d.stats) {
             Ok(()) => tracing::info!(
                 file = %d.side_file.display(),
                 entries = d.index.entries(),
@@ -871,12 +929,28 @@ mod tests {
         for g in 0..100u64 {
             idx.insert(hash(&g.to_le_bytes()), g);
         }
-        idx.save(&p).expect("save");
-        let back = Index::load(&p, 1 << 12, 1000).expect("load").expect("fits");
+        let stats = DedupeStats {
+            hits: 7,
+            physical_bytes_written: 9,
+            ..DedupeStats::default()
+        };
+        idx.save(&p, &stats).expect("save");
+        let (back, head) = Index::load(&p, 1 << 12, 1000)
+            .expect("load")
+            .expect("a file");
+        let back = back.expect("fits");
         assert_eq!(back.slots, idx.slots);
         assert_eq!(back.entries(), idx.entries());
-        assert!(Index::load(&p, 1 << 13, 1000).expect("load").is_none());
-        assert!(Index::load(&p, 1 << 12, 1 << 20).expect("load").is_none());
+        assert_eq!((head.hits, head.physical_bytes_written), (7, 9));
+        let (other, head) = Index::load(&p, 1 << 13, 1000)
+            .expect("load")
+            .expect("a file");
+        assert!(other.is_none(), "another budget");
+        assert_eq!(head.hits, 7, "the totals survive a new budget");
+        let (other, _) = Index::load(&p, 1 << 12, 1 << 20)
+            .expect("load")
+            .expect("a file");
+        assert!(other.is_none(), "another geometry");
         std::fs::write(&p, b"short").expect("write");
         assert!(Index::load(&p, 1 << 12, 1000).expect("load").is_none());
     }
