@@ -178,6 +178,17 @@ impl Qcow2 {
             if ev.dirty {
                 self.counters.l2_writebacks += 1;
                 self.write_l2_ordered(ev.offset, &ev.data)?;
+                // The sync before that write made every other dirty table's refcounts
+                // and data durable too: write them all now, so that the next evictions
+                // find clean tables instead of paying a sync each.
+                for off in self.l2_cache.dirty_offsets() {
+                    if let Some(t) = self.l2_cache.peek(off) {
+                        let raw: Vec<u8> = t.iter().flat_map(|e| e.to_be_bytes()).collect();
+                        self.io.write(off, &raw, "L2 table")?;
+                        self.counters.l2_writebacks += 1;
+                    }
+                    self.l2_cache.mark_clean(off);
+                }
             }
         }
         Ok(())

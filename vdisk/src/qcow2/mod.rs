@@ -34,9 +34,9 @@
 //! rebuilt by a repair (as QEMU does), which then clears the bit.
 //!
 //! # Caches
-//! L2 tables and refcount blocks go through bounded write-back caches
-//! ([`OpenOptions::l2_cache_bytes`], default 1 MiB: 16 tables of 64 KiB, mapping 8 GiB
-//! of guest space; [`OpenOptions::refcount_cache_bytes`], default 256 KiB). Each cache
+//! L2 tables and refcount blocks go through bounded write-back caches, sized to the image
+//! by default as QEMU sizes its own ([`AUTO_CACHE_BYTES`]: L2 tables for the whole virtual
+//! size, 1 to 32 MiB; refcount blocks a quarter of that, at least 256 KiB). Each cache
 //! holds at least 4 tables whatever the byte budget. The L1 table and the refcount table
 //! stay in memory (both are bounded: 32 MiB and 8 MiB, QEMU's limits).
 //!
@@ -80,6 +80,13 @@ pub const MIN_CLUSTER_SIZE: u64 = 4 << 10;
 pub const MAX_CLUSTER_SIZE: u64 = 2 << 20;
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 1 << 20;
 pub const DEFAULT_REFCOUNT_CACHE_BYTES: u64 = 256 << 10;
+/// A cache budget meaning "sized to the image" (the default), as QEMU does: L2 tables
+/// for the whole virtual size, from [`DEFAULT_L2_CACHE_BYTES`] up to
+/// [`MAX_AUTO_L2_CACHE_BYTES`]; refcount blocks a quarter of that, at least
+/// [`DEFAULT_REFCOUNT_CACHE_BYTES`].
+pub const AUTO_CACHE_BYTES: u64 = u64::MAX;
+/// QEMU's default ceiling for the L2 cache on Linux.
+pub const MAX_AUTO_L2_CACHE_BYTES: u64 = 32 << 20;
 const MIN_CACHE_TABLES: u64 = 4;
 /// QEMU's limit on the L1 table: 32 MiB.
 pub const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
@@ -90,7 +97,9 @@ const MAX_PENDING_FREES: usize = 4096;
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     pub read_only: bool,
+    /// Budget of the L2 table cache; [`AUTO_CACHE_BYTES`] sizes it to the image.
     pub l2_cache_bytes: u64,
+    /// Budget of the refcount block cache; [`AUTO_CACHE_BYTES`] sizes it to the image.
     pub refcount_cache_bytes: u64,
     /// Memory budget of the dedupe index, for images marked for dedupe.
     pub dedupe_index_bytes: u64,
@@ -100,8 +109,8 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             read_only: false,
-            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
-            refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
+            l2_cache_bytes: AUTO_CACHE_BYTES,
+            refcount_cache_bytes: AUTO_CACHE_BYTES,
             dedupe_index_bytes: DEFAULT_INDEX_BYTES,
         }
     }
@@ -191,6 +200,24 @@ impl std::fmt::Debug for Qcow2 {
     }
 }
 
+/// The cache budgets for an image of `size` bytes: `opts`' own, or sized to the image.
+fn cache_budgets(opts: &OpenOptions, size: u64, cluster_bits: u32) -> (u64, u64) {
+    // One 8-byte L2 entry per cluster, in whole tables.
+    let cs = 1u64 << cluster_bits;
+    let whole = (size >> cluster_bits)
+        .saturating_mul(8)
+        .next_multiple_of(cs);
+    let l2 = match opts.l2_cache_bytes {
+        AUTO_CACHE_BYTES => whole.clamp(DEFAULT_L2_CACHE_BYTES, MAX_AUTO_L2_CACHE_BYTES),
+        b => b,
+    };
+    let rc = match opts.refcount_cache_bytes {
+        AUTO_CACHE_BYTES => (l2 / 4).max(DEFAULT_REFCOUNT_CACHE_BYTES),
+        b => b,
+    };
+    (l2, rc)
+}
+
 fn cache_tables(bytes: u64, cluster_size: u64) -> usize {
     usize::try_from((bytes / cluster_size).max(MIN_CACHE_TABLES)).unwrap_or(usize::MAX)
 }
@@ -259,12 +286,13 @@ impl Qcow2 {
         io.read_meta(l1_off, &mut raw, "L1 table")?;
         let l1 = read_be64s(&raw);
 
+        let (l2_budget, rc_budget) = cache_budgets(opts, header.size, cluster_bits);
         let rc = Refcounts::load(
             &io,
             cluster_bits,
             header.refcount_table_offset,
             header.refcount_table_clusters,
-            cache_tables(opts.refcount_cache_bytes, cs),
+            cache_tables(rc_budget, cs),
         )?;
         let rt = (
             header.refcount_table_offset,
@@ -286,7 +314,7 @@ impl Qcow2 {
             cluster_size: cs,
             l1,
             l1_dirty: BTreeSet::new(),
-            l2_cache: MetaCache::new(cache_tables(opts.l2_cache_bytes, cs)),
+            l2_cache: MetaCache::new(cache_tables(l2_budget, cs)),
             rc,
             snapshots,
             backing: None,

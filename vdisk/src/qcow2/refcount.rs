@@ -5,7 +5,9 @@
 //!
 //! Ordering: increments land in the block cache (dirty) and are written by
 //! [`Refcounts::writeback`], which the owner calls (and follows with fdatasync) before it
-//! writes any L1/L2 entry. Decrements are queued with [`Refcounts::queue_free`] and only
+//! writes any L1/L2 entry. A new refcount block is written at once, but the table entry
+//! that points at it only by the next writeback, after a sync that makes the blocks
+//! durable first: one sync for all the blocks created since, instead of one each. Decrements are queued with [`Refcounts::queue_free`] and only
 //! applied by [`Refcounts::apply_pending`], which the owner calls after the mapping change
 //! that dropped the reference is durable; until then the cluster keeps its refcount, so the
 //! allocator cannot hand it out again.
@@ -28,6 +30,8 @@ pub struct Refcounts {
     /// No free cluster lies below this index.
     free_hint: u64,
     pending: Vec<u64>,
+    /// Table entries of new refcount blocks not yet written (see the module doc).
+    new_entries: Vec<u64>,
     pub allocated_clusters: u64,
     pub freed_clusters: u64,
 }
@@ -91,6 +95,7 @@ impl Refcounts {
             cache: MetaCache::new(cache_tables),
             free_hint: 0,
             pending: Vec::new(),
+            new_entries: Vec::new(),
             allocated_clusters: 0,
             freed_clusters: 0,
         })
@@ -220,13 +225,26 @@ impl Refcounts {
         Ok(freed)
     }
 
-    /// Write every dirty refcount block (no sync).
+    /// Write every dirty refcount block, then the table entries of new blocks (after a
+    /// sync, if there are any, so that no entry on disk points at an unwritten block).
+    /// The caller syncs afterwards.
     pub fn writeback(&mut self, io: &mut ImageFile) -> Result<()> {
         for off in self.cache.dirty_offsets() {
             if let Some(data) = self.cache.peek(off) {
                 write_block(io, off, data)?;
             }
             self.cache.mark_clean(off);
+        }
+        if !self.new_entries.is_empty() {
+            io.sync()?;
+            for idx in std::mem::take(&mut self.new_entries) {
+                let offset = self.table.get(idx as usize).copied().unwrap_or(0);
+                io.write(
+                    self.table_offset + idx * 8,
+                    &offset.to_be_bytes(),
+                    "refcount table entry",
+                )?;
+            }
         }
         Ok(())
     }
@@ -257,13 +275,8 @@ impl Refcounts {
         let mut block = vec![0u16; 1 << self.block_bits()].into_boxed_slice();
         block[0] = 1;
         write_block(io, offset, &block)?;
-        io.sync()?;
         self.table[idx as usize] = offset;
-        io.write(
-            self.table_offset + idx * 8,
-            &offset.to_be_bytes(),
-            "refcount table entry",
-        )?;
+        self.new_entries.push(idx);
         if let Some(ev) = self.cache.evict() {
             if ev.dirty {
                 write_block(io, ev.offset, &ev.data)?;

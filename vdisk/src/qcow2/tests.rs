@@ -612,3 +612,31 @@ fn writes_onto_metadata_are_refused() {
         patch(&path, l2 + 8, &0u64.to_be_bytes());
     }
 }
+
+/// A new refcount block's table entry reaches the file only at the next writeback, after
+/// a sync (one for all the blocks created since), so no entry on disk points at a block
+/// that may not be on disk yet.
+#[test]
+fn new_refcount_blocks_are_entered_in_the_table_at_writeback() {
+    let d = tmp();
+    let path = d.path().join("a.qcow2");
+    let mut img = Qcow2::create(&path, 64 * MIB, 4096, None).expect("create");
+    // 4 KiB clusters: a refcount block covers 2048 clusters (8 MiB of file).
+    let far = 3 * 2048 + 5;
+    img.rc.ensure_covered(&mut img.io, far).expect("cover");
+    let entry_on_disk = |img: &Qcow2| {
+        let f = std::fs::File::open(&path).expect("open raw");
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, img.rc.table_offset() + 3 * 8)
+            .expect("read table");
+        u64::from_be_bytes(e)
+    };
+    assert_eq!(entry_on_disk(&img), 0, "written before a sync");
+    let syncs = img.io.syncs();
+    img.rc.writeback(&mut img.io).expect("writeback");
+    assert_eq!(img.io.syncs(), syncs + 1, "one sync before the entries");
+    assert_eq!(entry_on_disk(&img), 3 * 2048 * 4096);
+    img.close().expect("close");
+    let mut img = Qcow2::open(&path, &OpenOptions::default()).expect("reopen");
+    assert_clean(&mut img);
+}
