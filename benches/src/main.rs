@@ -8,6 +8,11 @@
 //! qemu-storage-daemon on the same qcow2 image (allocated, empty, with a fresh snapshot), with
 //! vdisk on the raw image as the reference, and writes docs/bench/qcow2.md and qcow2.png.
 //!
+//! `cargo run --release -p benches -- dedupe [--quick] [--out docs/bench]` measures vdisk's
+//! inline dedupe on and off, and qemu-storage-daemon, on 4 KiB random writes of unique,
+//! duplicate and mixed data, and the index memory per TiB; writes docs/bench/dedupe.md and
+//! dedupe.png.
+//!
 //! `cargo run --release -p benches -- net [--quick] [--out docs/bench]` measures vswitch against
 //! Open vSwitch with DPDK and DPDK's vhost PMD in a PVP-style loopback driven by dpdk-testpmd
 //! (64- and 1518-byte frames), and writes docs/bench/net.md and net.png.
@@ -38,6 +43,9 @@ enum Cmd {
     /// qcow2 over vhost-user-blk: vdisk and qemu-storage-daemon on the same image, vdisk raw
     /// as the reference.
     Qcow2(blk::qcow2::Args),
+    /// Inline dedupe: vdisk with dedupe on and off, and qsd, on unique, duplicate and mixed
+    /// writes; the index memory per TiB.
+    Dedupe(blk::dedupe::Args),
     /// vhost-user-net: vswitch, OVS-DPDK and DPDK's vhost PMD in a testpmd PVP loopback.
     Net(net::Args),
 }
@@ -48,6 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Blk(args) => blk::run(&args),
         Cmd::Qcow2(args) => blk::qcow2::run(&args),
+        Cmd::Dedupe(args) => blk::dedupe::run(&args),
         Cmd::Net(args) => net::run(&args),
     };
     match result {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
-use super::{Op, Pattern, Workload};
+use super::{Data, Op, Pattern, Workload, DUP_POOL};
 use crate::signals;
 
 /// A queue that has had no completion for this long means the daemon is hung or gone.
@@ -386,6 +386,27 @@ impl WorkerCtx<'_> {
             self.exhausted.store(true, Ordering::SeqCst);
             return false;
         };
+        if self.wl.op == Op::Write && self.wl.data != Data::AsIs {
+            let dup = match self.wl.data {
+                Data::Duplicate => true,
+                Data::Mixed(pct) => ql.rng.next() % 100 < u64::from(pct),
+                Data::Unique | Data::AsIs => false,
+            };
+            // Pool blocks are stamped 0..DUP_POOL, unique ones with the top bit set.
+            let stamp = if dup {
+                ql.rng.next() % DUP_POOL
+            } else {
+                ql.rng.next() | 1 << 63
+            };
+            let iov = &ql.slots[slot].0;
+            if let Some(first) = iov.first().filter(|v| v.iov_len >= 8) {
+                // SAFETY: the slot's buffer lies in our region and is not in flight (its
+                // request completed, or it was never submitted); 8 bytes fit in it.
+                unsafe {
+                    std::ptr::write_unaligned(first.iov_base.cast::<u64>(), stamp.to_le());
+                }
+            }
+        }
         let (iov, submitted) = &mut ql.slots[slot];
         *submitted = now;
         let (p, n) = (iov.as_ptr(), iov.len() as u32);
@@ -459,6 +480,26 @@ impl WorkerCtx<'_> {
                 ql.cursor = ql.start;
                 if shuffle {
                     ql.shuffle = Some(Permutation::new(ql.end - ql.start, ql.rng.next()));
+                }
+            }
+        }
+        if wl.op == Op::Write && wl.data != Data::AsIs {
+            // The same non-zero bytes in every buffer: blocks with the same stamp are then
+            // identical, whichever slot wrote them.
+            for ql in loads.iter() {
+                for (iov, _) in &ql.slots {
+                    let mut at = 0usize;
+                    for v in iov {
+                        // SAFETY: each iovec covers part of this slot's buffer in our
+                        // region, nothing is in flight yet.
+                        let bytes = unsafe {
+                            std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+                        };
+                        for b in bytes.iter_mut() {
+                            *b = (at as u8).wrapping_mul(31).wrapping_add(7) | 1;
+                            at += 1;
+                        }
+                    }
                 }
             }
         }

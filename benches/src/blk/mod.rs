@@ -7,6 +7,7 @@
 
 mod client;
 pub(crate) mod daemon;
+pub mod dedupe;
 mod fio;
 pub mod qcow2;
 
@@ -103,6 +104,23 @@ pub enum Pattern {
     },
 }
 
+/// What the blocks a write workload writes hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// Whatever the buffers hold (they are never changed): the raw and qcow2 rows.
+    AsIs,
+    /// A block no other write wrote: a fixed non-zero pattern under a random 64-bit stamp.
+    Unique,
+    /// One of [`DUP_POOL`] blocks, at random: after the first few thousand writes every
+    /// block is a copy of one written before.
+    Duplicate,
+    /// Each write [`Data::Duplicate`] with this probability in percent, else unique.
+    Mixed(u8),
+}
+
+/// Distinct blocks [`Data::Duplicate`] draws from.
+pub const DUP_POOL: u64 = 1024;
+
 /// One point of the matrix: `queues` client queues, each keeping `qd` requests of `bs` bytes in
 /// flight.
 #[derive(Clone, Debug)]
@@ -113,6 +131,7 @@ pub struct Workload {
     pub bs: usize,
     pub qd: usize,
     pub queues: usize,
+    pub data: Data,
 }
 
 fn workloads() -> Vec<Workload> {
@@ -123,6 +142,7 @@ fn workloads() -> Vec<Workload> {
         bs,
         qd,
         queues,
+        data: Data::AsIs,
     };
     use Op::*;
     use Pattern::*;

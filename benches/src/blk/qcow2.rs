@@ -113,6 +113,7 @@ fn points(cluster: u64) -> Vec<Point> {
             bs: 4096,
             qd,
             queues: 1,
+            data: super::Data::AsIs,
         },
         start,
     };
@@ -407,7 +408,7 @@ impl Images {
 }
 
 /// `qemu-img check --output=json` (exit 2: corruption, 3: leaks still print the report).
-fn qemu_img_check(image: &Path) -> Result<serde_json::Value, String> {
+pub(super) fn qemu_img_check(image: &Path) -> Result<serde_json::Value, String> {
     let out = Command::new("qemu-img")
         .args(["check", "--output=json"])
         .arg(image)
@@ -443,7 +444,7 @@ fn allocated_data(image: &Path) -> Result<u64, String> {
 
 /// fsync `path` (so no writeback of it runs during a measurement) and read it once (so the
 /// daemons start page-cached).
-fn cache(path: &Path) -> Result<(), String> {
+pub(super) fn cache(path: &Path) -> Result<(), String> {
     let e = |what: &str, err: std::io::Error| format!("{what} {}: {err}", path.display());
     let mut f = std::fs::File::options()
         .read(true)
@@ -469,7 +470,7 @@ fn image_end(path: &Path, format: ImageFormat) -> Result<u64, String> {
     allocated_bytes(path)
 }
 
-fn allocated_bytes(path: &Path) -> Result<u64, String> {
+pub(super) fn allocated_bytes(path: &Path) -> Result<u64, String> {
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .map_err(|e| format!("stat {}: {e}", path.display()))
@@ -535,7 +536,7 @@ fn point(
             let clusters = grown as f64 / images.cluster as f64;
             extra.new_clusters_per_write = Some(clusters / m.ops_all.max(1) as f64);
             if format == ImageFormat::Qcow2 {
-                check_after(&image, &p.wl.name, t, notes);
+                check_after(&image, &p.wl.name, t.name(), notes);
             }
         }
         Ok(m)
@@ -545,7 +546,7 @@ fn point(
 }
 
 /// SIGTERM the daemon; anything but a clean exit goes into the notes.
-fn stop(d: DaemonProc, point: &str, notes: &mut Vec<String>) {
+pub(super) fn stop(d: DaemonProc, point: &str, notes: &mut Vec<String>) {
     let name = d.name.clone();
     match d.stop() {
         Ok(s) if s.success() => {}
@@ -555,20 +556,19 @@ fn stop(d: DaemonProc, point: &str, notes: &mut Vec<String>) {
 }
 
 /// `qemu-img check` on the image a write point left: leaks and corruption go into the notes.
-fn check_after(image: &Path, point: &str, t: Target, notes: &mut Vec<String>) {
+pub(super) fn check_after(image: &Path, point: &str, target: &str, notes: &mut Vec<String>) {
     match qemu_img_check(image) {
         Ok(v) => {
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
             let (errors, leaks, corrupt) = (n("check-errors"), n("leaks"), n("corruptions"));
             if errors + leaks + corrupt > 0 {
                 notes.push(format!(
-                    "{point}, {}: qemu-img check after the point: {corrupt} corruptions, \
-                     {leaks} leaked clusters, {errors} check errors",
-                    t.name()
+                    "{point}, {target}: qemu-img check after the point: {corrupt} corruptions, \
+                     {leaks} leaked clusters, {errors} check errors"
                 ));
             }
         }
-        Err(e) => notes.push(format!("{point}, {}: {e}", t.name())),
+        Err(e) => notes.push(format!("{point}, {target}: {e}")),
     }
 }
 
