@@ -100,6 +100,10 @@ fn fill_iovecs(iovecs: &[libc::iovec], data: Option<&[u8]>) {
     }
 }
 
+thread_local! {
+    static GATHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Copy `iovecs` (guest memory) into `out`, which is as long as they are together.
 fn gather_iovecs(iovecs: &[libc::iovec], out: &mut [u8]) {
     let mut done = 0usize;
@@ -192,10 +196,13 @@ pub fn write(
     let total: usize = iovecs.iter().map(|v| v.iov_len).sum();
     let mut image = lock(q);
     if image.dedupe_on() {
-        // Dedupe decides where each cluster goes from its bytes: gather them first.
-        let mut data = vec![0u8; total];
-        gather_iovecs(iovecs, &mut data);
-        image.write(offset, &data)?;
+        // Dedupe decides where each cluster goes from its bytes: gather them first (into
+        // this thread's buffer, kept between requests).
+        GATHER.with_borrow_mut(|data| {
+            data.resize(total, 0);
+            gather_iovecs(iovecs, data);
+            image.write(offset, data)
+        })?;
         if dsync {
             image.flush()?;
         }

@@ -294,3 +294,49 @@ fn stale_index_entries_are_never_shared() {
     assert_eq!(back, a);
     assert_exact(&mut img, "stale entries");
 }
+
+fn host_of(img: &mut Qcow2, cluster: u64) -> u64 {
+    match img.map(cluster * CS, CS).expect("map").kind {
+        vdisk::qcow2::ExtentKind::Data { host_offset, .. } => host_offset,
+        other => panic!("guest cluster {cluster} is not data: {other:?}"),
+    }
+}
+
+/// A shared cluster's bytes kept in memory go with its sharing: once it is freed and
+/// reused, shared again with other bytes, a stale index entry that now leads to it must
+/// not match the old bytes.
+#[test]
+fn a_reused_shared_cluster_is_compared_with_its_new_bytes() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let path = d.path().join("a.qcow2");
+    let mut img = Qcow2::create(&path, SIZE, CS, None).expect("create");
+    img.enable_dedupe(1 << 20).expect("dedupe");
+    let (a, b) = (pattern(1), pattern(2));
+    img.write(0, &a).expect("a at 0");
+    img.write(CS, &a).expect("a at 1: shared");
+    let s1 = host_of(&mut img, 0);
+    assert_eq!(host_of(&mut img, 1), s1);
+    // The flush frees the cluster `a` was first written to; `b` takes it.
+    img.flush().expect("flush");
+    img.write(10 * CS, &b).expect("b at 10");
+    // Unshare and free the cluster holding `a`.
+    img.write(0, &pattern(3)).expect("overwrite 0");
+    img.write(CS, &pattern(4)).expect("overwrite 1");
+    img.flush().expect("flush");
+    // The first duplicate of `b` takes the lowest free cluster: the one `a` was in.
+    img.write(11 * CS, &b).expect("b at 11: shared");
+    assert_eq!(
+        host_of(&mut img, 11),
+        s1,
+        "the test needs the cluster reused"
+    );
+    // Guest cluster 30 is indexed as holding `a`, then shares the `b` cluster.
+    img.write(30 * CS, &a).expect("a at 30");
+    img.write(30 * CS, &b).expect("b at 30");
+    assert_eq!(host_of(&mut img, 30), s1);
+    img.write(40 * CS, &a).expect("a at 40");
+    let mut back = vec![0u8; CS as usize];
+    img.read(40 * CS, &mut back).expect("read");
+    assert!(back == a, "guest cluster 40 reads another cluster's bytes");
+    assert_exact(&mut img, "after the reuse");
+}

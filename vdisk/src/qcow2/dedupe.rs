@@ -42,7 +42,7 @@ const BUCKET: usize = 8;
 const MIN_TAG_BITS: u32 = 4;
 
 pub fn hash(data: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(data)
+    twox_hash::XxHash3_64::oneshot(data)
 }
 
 /// Why an image cannot be deduplicated.
@@ -363,6 +363,64 @@ pub fn shared_from_pairs(mut pairs: Vec<(u64, u64)>) -> Shared {
     out
 }
 
+/// Bytes of recently matched shared clusters kept in memory ([`Hot`]).
+pub const HOT_BYTES: u64 = 4 << 20;
+
+/// The contents of the shared clusters matched most recently, so that matching them again
+/// compares bytes in memory instead of reading the cluster: a shared cluster is never
+/// written in place (its entries are not COPIED), so its bytes cannot change while it is
+/// shared. An entry leaves when its cluster stops being shared.
+#[derive(Debug, Default)]
+pub struct Hot {
+    map: HashMap<u64, Box<[u8]>, ClusterHash>,
+    order: std::collections::VecDeque<u64>,
+    capacity: usize,
+}
+
+impl Hot {
+    pub fn new(capacity: usize) -> Hot {
+        Hot {
+            capacity: capacity.max(1),
+            ..Hot::default()
+        }
+    }
+
+    pub fn get(&self, host: u64) -> Option<&[u8]> {
+        self.map.get(&host).map(|b| &b[..])
+    }
+
+    pub fn insert(&mut self, host: u64, bytes: &[u8]) {
+        if self.map.contains_key(&host) {
+            return;
+        }
+        while self.map.len() >= self.capacity {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.map.insert(host, bytes.into());
+        self.order.push_back(host);
+        // Keys removed out of order stay in `order` until they reach its front; keep it
+        // from growing past a few times the capacity.
+        if self.order.len() > 4 * self.capacity {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+
+    pub fn remove(&mut self, host: u64) {
+        self.map.remove(&host);
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+}
+
 /// Counters of the dedupe path (running totals over clean closes: a crash loses the
 /// counts since the last one), and the state of the active tree.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -417,6 +475,7 @@ pub struct Dedupe {
     pub side_file: PathBuf,
     pub candidates: Vec<u64>,
     pub scratch: Vec<u8>,
+    pub hot: Hot,
 }
 
 impl Dedupe {
@@ -430,6 +489,7 @@ impl Dedupe {
         if r.count <= 1 {
             let last = *r;
             self.shared.remove(&host);
+            self.hot.remove(host);
             if last.count == 1 {
                 self.relocations.push((last.xor, host));
             }
@@ -445,6 +505,15 @@ impl Dedupe {
 }
 
 impl Qcow2 {
+    /// A cluster about to be written in place: COPIED, so never shared, so never kept in
+    /// [`Hot`]; unless a hostile image marks a cluster it references twice as COPIED.
+    pub(crate) fn forget_hot(&mut self, host: u64) {
+        let bits = self.cluster_bits;
+        if let Some(d) = self.dedupe.as_deref_mut() {
+            d.hot.remove(host >> bits);
+        }
+    }
+
     /// Whether writes are being deduplicated (a marked image, open writable).
     pub fn dedupe_on(&self) -> bool {
         self.dedupe.is_some()
@@ -542,6 +611,7 @@ impl Qcow2 {
             side_file,
             candidates: Vec::new(),
             scratch: vec![0; self.cluster_size as usize],
+            hot: Hot::new((HOT_BYTES / self.cluster_size) as usize),
         }));
         Ok(())
     }
@@ -555,6 +625,7 @@ impl Qcow2 {
         if let Some(d) = self.dedupe.as_deref_mut() {
             d.mapped = mapped;
             d.shared = shared_from_pairs(pairs);
+            d.hot.clear();
             d.relocations.clear();
         }
         Ok(())
@@ -713,16 +784,14 @@ impl Qcow2 {
         if self.rc.get(&mut self.io, host_cluster)? >= u16::MAX - 1 {
             return Ok(false);
         }
-        self.io.read_data(host, scratch)?;
-        if scratch != chunk {
-            let now = hash(scratch);
-            if let Some(d) = self.dedupe.as_deref_mut() {
-                d.stats.verify_mismatches += 1;
-                if !d.index.same_slot(now, h) {
-                    // The cluster was rewritten since it was indexed.
-                    d.index.remove(h, cand);
-                }
-            }
+        let in_memory = self.dedupe.as_deref().is_some_and(|d| {
+            d.shared.contains_key(&host_cluster)
+                && d.hot.get(host_cluster).is_some_and(|b| b == chunk)
+        });
+        if !in_memory {
+            self.verify_by_reading(cand, host, h, chunk, scratch, copied)?;
+        }
+        if !in_memory && scratch != chunk {
             return Ok(false);
         }
         let mine = self.l2_entry(gc)?;
@@ -751,6 +820,7 @@ impl Qcow2 {
                     },
                 );
                 d.stats.physical_bytes_written += cs;
+                d.hot.insert(shared >> bits, chunk);
             }
             self.remap(gc, mine, shared)?;
             self.remap(cand, raw, shared)?;
@@ -772,6 +842,34 @@ impl Qcow2 {
             d.index.insert(h, cand);
         }
         Ok(true)
+    }
+
+    /// Read the candidate's cluster into `scratch` and compare: on a mismatch, count it
+    /// and drop the index entry if the cluster no longer hashes to its slot (it was
+    /// rewritten); on a match of a shared cluster, keep its bytes in memory.
+    fn verify_by_reading(
+        &mut self,
+        cand: u64,
+        host: u64,
+        h: u64,
+        chunk: &[u8],
+        scratch: &mut [u8],
+        copied: bool,
+    ) -> Result<()> {
+        self.io.read_data(host, scratch)?;
+        let host_cluster = host >> self.cluster_bits;
+        let Some(d) = self.dedupe.as_deref_mut() else {
+            return Ok(());
+        };
+        if scratch != chunk {
+            d.stats.verify_mismatches += 1;
+            if !d.index.same_slot(hash(scratch), h) {
+                d.index.remove(h, cand);
+            }
+        } else if !copied && d.shared.contains_key(&host_cluster) {
+            d.hot.insert(host_cluster, scratch);
+        }
+        Ok(())
     }
 
     /// Point guest cluster `gc` (entry `old`) at shared cluster `host` (its refcount
@@ -982,6 +1080,7 @@ mod tests {
             side_file: PathBuf::new(),
             candidates: Vec::new(),
             scratch: Vec::new(),
+            hot: Hot::new(4),
         };
         assert_eq!(d.distinct(), 5 - 2 - 1);
         d.drop_ref(11, 5);

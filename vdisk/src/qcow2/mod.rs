@@ -91,8 +91,13 @@ const MIN_CACHE_TABLES: u64 = 4;
 /// QEMU's limit on the L1 table: 32 MiB.
 pub const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
 pub const MAX_BACKING_DEPTH: usize = 16;
-/// Queued decrements past this many trigger a flush, bounding the memory they take.
-const MAX_PENDING_FREES: usize = 4096;
+/// Queued decrements past 1 GiB of clusters (at least 4096 of them) trigger a flush: that
+/// bounds the memory they take (8 bytes each, 2 MiB at 4 KiB clusters) and what a crash
+/// can leak. Every deduplicated write over a mapped cluster queues one, and a forced flush
+/// costs an fdatasync of all the file's dirty data: with 4096 it came every 4096
+/// duplicate writes.
+const PENDING_FREES_BYTES: u64 = 1 << 30;
+const MIN_PENDING_FREES: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -671,6 +676,7 @@ impl Qcow2 {
             let entry = self.decode(raw, gc)?;
             let host = match entry {
                 Entry::Data { host, copied: true } => {
+                    self.forget_hot(host);
                     if self.is_metadata(host) {
                         return Err(self.io.corrupt(format!(
                             "guest offset {pos:#x} maps onto the image's own metadata at \
@@ -774,7 +780,10 @@ impl Qcow2 {
     }
 
     fn maybe_flush_frees(&mut self) -> Result<()> {
-        if self.rc.pending_len() > MAX_PENDING_FREES {
+        let limit = usize::try_from(PENDING_FREES_BYTES >> self.cluster_bits)
+            .unwrap_or(usize::MAX)
+            .max(MIN_PENDING_FREES);
+        if self.rc.pending_len() > limit {
             self.flush()?;
         }
         Ok(())
