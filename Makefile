@@ -39,7 +39,7 @@ demo:
 	scripts/demo.sh
 
 ## Benchmarks against peers (the benches crate): docs/bench/blk.{md,png}, blk-direct.{md,png},
-## qcow2.{md,png}, net.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need
+## qcow2.{md,png}, dedupe.{md,png}, net.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need
 ## (OVS-DPDK, DPDK).
 bench: setup
 	scripts/setup-bench.sh
@@ -47,4 +47,5 @@ bench: setup
 	$(CARGO) run --release -p benches -- blk
 	$(CARGO) run --release -p benches -- blk --direct
 	$(CARGO) run --release -p benches -- qcow2
+	$(CARGO) run --release -p benches -- dedupe
 	$(CARGO) run --release -p benches -- net

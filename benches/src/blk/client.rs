@@ -336,6 +336,8 @@ struct QueueLoad<'q> {
     end: u64,
     shuffle: Option<Permutation>,
     in_flight: usize,
+    /// Writes since this queue's last flush ([`Workload::flush_every`]).
+    since_flush: u64,
 }
 
 impl WorkerCtx<'_> {
@@ -382,6 +384,15 @@ impl WorkerCtx<'_> {
     /// Submit the next request in `slot`; false (nothing submitted) once the pattern is
     /// exhausted.
     fn submit(&self, ql: &mut QueueLoad<'_>, slot: usize, now: Instant) -> bool {
+        if self.wl.op == Op::Write && self.wl.flush_every > 0 {
+            if ql.since_flush >= self.wl.flush_every {
+                ql.since_flush = 0;
+                ql.slots[slot].1 = now;
+                ql.q.flush(slot, ReqFlags::empty());
+                return true;
+            }
+            ql.since_flush += 1;
+        }
         let Some(off) = self.next_offset(ql) else {
             self.exhausted.store(true, Ordering::SeqCst);
             return false;
@@ -469,6 +480,7 @@ impl WorkerCtx<'_> {
                 end: 0,
                 shuffle: None,
                 in_flight: wl.qd,
+                since_flush: 0,
             })
             .collect();
         if let Pattern::Stride { stride, shuffle } = wl.pattern {

@@ -132,6 +132,9 @@ pub struct Workload {
     pub qd: usize,
     pub queues: usize,
     pub data: Data,
+    /// A write workload sends a flush after every this many writes per queue, as a guest
+    /// filesystem's journal commits do (0: never).
+    pub flush_every: u64,
 }
 
 fn workloads() -> Vec<Workload> {
@@ -143,6 +146,7 @@ fn workloads() -> Vec<Workload> {
         qd,
         queues,
         data: Data::AsIs,
+        flush_every: 0,
     };
     use Op::*;
     use Pattern::*;

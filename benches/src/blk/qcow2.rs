@@ -114,6 +114,7 @@ fn points(cluster: u64) -> Vec<Point> {
             qd,
             queues: 1,
             data: super::Data::AsIs,
+            flush_every: 0,
         },
         start,
     };
