@@ -10,13 +10,14 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
-/// Keys are table offsets in the image file, looked up on every request: one folded
-/// multiply hashes them, where SipHash cost more than the rest of the lookup. They come
-/// from the image, but a few dozen cached tables leave nothing to gain from collisions.
+/// Keys are table offsets or cluster numbers in the image file, looked up on every
+/// request: one folded multiply hashes them, where SipHash cost more than the rest of the
+/// lookup. They come from the image: offsets crafted to collide would cost lookup time,
+/// never a wrong answer.
 #[derive(Clone, Copy, Debug, Default)]
-struct OffsetHash;
+pub(super) struct OffsetHash;
 
-struct OffsetHasher(u64);
+pub(super) struct OffsetHasher(u64);
 
 impl Hasher for OffsetHasher {
     fn write(&mut self, bytes: &[u8]) {

@@ -20,10 +20,10 @@
 //! - [`DedupeStats`]: counters for `vdisk ctl stats` and `vdisk image info`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::cache::OffsetHash;
 use super::error::{Qcow2Error, Result};
 use super::map::{data_cluster, referenced_clusters, Entry, COPIED, OFFSET_MASK};
 use super::Qcow2;
@@ -295,37 +295,6 @@ fn side_tmp(side: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Keys are host cluster numbers: one multiply hashes them (as in the metadata cache).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ClusterHash;
-
-pub struct ClusterHasher(u64);
-
-impl Hasher for ClusterHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, x: u64) {
-        let full = u128::from(x) * 0x9e37_79b9_7f4a_7c15;
-        self.0 = (full as u64) ^ (full >> 64) as u64;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl BuildHasher for ClusterHash {
-    type Hasher = ClusterHasher;
-
-    fn build_hasher(&self) -> ClusterHasher {
-        ClusterHasher(0)
-    }
-}
-
 /// The active references of one shared host cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refs {
@@ -335,7 +304,7 @@ pub struct Refs {
 }
 
 /// Host clusters referenced two or more times by the active tree.
-pub type Shared = HashMap<u64, Refs, ClusterHash>;
+pub type Shared = HashMap<u64, Refs, OffsetHash>;
 
 /// Bytes a [`Shared`] map of `n` clusters takes, roughly (key, value and control byte,
 /// at hashbrown's load factor).
@@ -372,7 +341,7 @@ pub const HOT_BYTES: u64 = 4 << 20;
 /// shared. An entry leaves when its cluster stops being shared.
 #[derive(Debug, Default)]
 pub struct Hot {
-    map: HashMap<u64, Box<[u8]>, ClusterHash>,
+    map: HashMap<u64, Box<[u8]>, OffsetHash>,
     order: std::collections::VecDeque<u64>,
     capacity: usize,
 }
