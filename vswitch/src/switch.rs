@@ -581,7 +581,13 @@ impl Switch {
                 len: NET_HDR_LEN,
             };
             if let Some(r) = s.dest.get(dest) {
-                copy::prefetch(r.ptr);
+                // The lines the driver touched last (the virtio-net header and the Ethernet
+                // header behind it): the first one or two.
+                copy::prefetch_write(r.ptr);
+                let first_line = 64 - (r.ptr as usize % 64);
+                if r.len.min(total) > first_line {
+                    copy::prefetch_write(r.ptr.wrapping_add(first_line));
+                }
             }
             s.plans.push(Plan {
                 pieces: pieces..s.pieces.len(),
