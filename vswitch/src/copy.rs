@@ -55,6 +55,11 @@ impl Piece {
 /// Append to `out` the pieces of `frame` (the source ranges) for `egress`, after `prefix`
 /// (the virtio-net header written to the destination). Returns the length of what was
 /// appended.
+///
+/// Inlined so that `prefix` is stored straight into `out`: passed in memory, it was built
+/// with narrow stores and reloaded with 16-byte loads, which wait for such stores to
+/// retire.
+#[inline(always)]
 pub fn plan(frame: &[HostRange], egress: Egress, prefix: Piece, out: &mut Vec<Piece>) -> usize {
     let first = out.len();
     out.push(prefix);

@@ -52,20 +52,34 @@ pub enum FrameError {
 
 /// Parse the header of a frame of `len` bytes whose first bytes are `peek`.
 pub fn parse(peek: &[u8], len: usize) -> Result<Header, FrameError> {
-    if len < ETH_HLEN || peek.len() < ETH_HLEN {
+    // SAFETY: `peek` is `peek.len()` readable bytes.
+    unsafe { parse_raw(peek.as_ptr(), peek.len(), len) }
+}
+
+/// [`parse`] for a frame whose first `avail` bytes are at `p`, read in place: the forwarding
+/// path reads a sender's header straight from its buffer. Each byte is read once, so a
+/// guest changing it meanwhile only changes the answer, which the caller checks like any
+/// other.
+///
+/// # Safety
+/// `p..p + avail` must be readable for the duration of the call.
+pub unsafe fn parse_raw(p: *const u8, avail: usize, len: usize) -> Result<Header, FrameError> {
+    if len < ETH_HLEN || avail < ETH_HLEN {
         return Err(FrameError::TooShort(len));
     }
     let mac = |o: usize| {
-        let mut m = [0u8; 6];
-        m.copy_from_slice(&peek[o..o + 6]);
-        Mac(m)
+        // SAFETY: every offset read is checked against `avail` first.
+        Mac(unsafe { p.add(o).cast::<[u8; 6]>().read_unaligned() })
     };
-    let ethertype = u16::from_be_bytes([peek[12], peek[13]]);
-    let tag = if ethertype == TPID_8021Q {
-        if len < ETH_HLEN + VLAN_HLEN || peek.len() < ETH_HLEN + VLAN_HLEN {
+    let be16 = |o: usize| {
+        // SAFETY: as for `mac`.
+        u16::from_be_bytes(unsafe { p.add(o).cast::<[u8; 2]>().read_unaligned() })
+    };
+    let tag = if be16(12) == TPID_8021Q {
+        if len < ETH_HLEN + VLAN_HLEN || avail < ETH_HLEN + VLAN_HLEN {
             return Err(FrameError::TooShort(len));
         }
-        let vid = u16::from_be_bytes([peek[14], peek[15]]) & 0x0fff;
+        let vid = be16(14) & 0x0fff;
         if vid == 0 || vid == 4095 {
             return Err(FrameError::ReservedVlan(vid));
         }

@@ -23,7 +23,7 @@ use vmm_sys_util::event::{
 
 use crate::copy::{self, HostRange};
 use crate::frame::{self, PEEK_LEN};
-use crate::ring::{Ring, Seg};
+use crate::ring::Ring;
 use crate::switch::{Frame, Mem, Port, Scratch, Switch};
 use common::counters::{bump, should_log};
 
@@ -176,7 +176,6 @@ struct TxScratch {
     /// `raw`, total bytes.
     chains: Vec<(usize, usize, usize, usize)>,
     raw: Vec<HostRange>,
-    segs: Vec<Seg>,
     /// Well-formed frames, their bytes (after the virtio-net header) in `ranges`.
     frames: Vec<Frame>,
     ranges: Vec<HostRange>,
@@ -200,26 +199,19 @@ impl TxScratch {
             let taken = self.heads.len();
             let head = ring.head(next.wrapping_add(i));
             self.heads.push(head);
-            self.segs.clear();
-            if let Err(e) = ring.chain(head, &mut self.segs) {
-                port_drop(
-                    port,
-                    &port.stats.drop_malformed,
-                    &format!("transmit chain: {e}"),
-                );
-                continue;
-            }
-            if self.segs.iter().any(|seg| seg.write) {
-                port_drop(
-                    port,
-                    &port.stats.drop_malformed,
-                    "device-writable descriptor in a transmit chain",
-                );
-                continue;
-            }
             let start = self.raw.len();
-            self.raw.extend(self.segs.iter().map(|seg| seg.range));
-            let total = self.segs.iter().map(|seg| seg.range.len).sum();
+            let total = match ring.chain(head, false, &mut self.raw) {
+                Ok(t) if t.other == 0 => t.bytes,
+                bad => {
+                    let what = match bad {
+                        Err(e) => format!("transmit chain: {e}"),
+                        Ok(_) => "device-writable descriptor in a transmit chain".to_string(),
+                    };
+                    self.raw.truncate(start);
+                    port_drop(port, &port.stats.drop_malformed, &what);
+                    continue;
+                }
+            };
             if let Some(r) = self.raw.get(start) {
                 // The header and the frame's start: read by `classify` below.
                 copy::prefetch(r.ptr);
@@ -291,24 +283,42 @@ impl TxScratch {
                 );
                 continue;
             }
-            // Peek at the virtio-net header and the start of the frame (not a copy of the
-            // frame).
-            let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
-            let peek_len = gather(raw, &mut head);
-            let gso_type = head[1];
-            if gso_type != 0 {
-                port_drop(
-                    port,
-                    &port.stats.drop_malformed,
-                    "GSO frame, but no GSO was offered",
-                );
-                continue;
-            }
             let frame_len = total - NET_HDR_LEN;
-            let hdr = match frame::parse(&head[NET_HDR_LEN..peek_len], frame_len) {
-                Ok(h) => h,
-                Err(e) => {
+            let peek_len = PEEK_LEN.min(frame_len);
+            let parsed = match raw.first() {
+                // Usually the header and the frame's start share the first buffer: read
+                // them in place. Gathered into a buffer, they came back with loads that
+                // straddled the copy's stores and waited for them to retire.
+                Some(r) if r.len >= NET_HDR_LEN + peek_len => {
+                    // SAFETY: `r` is a validated range of the sender's guest memory, held
+                    // by the caller, of at least NET_HDR_LEN + peek_len bytes.
+                    unsafe {
+                        let gso_type = r.ptr.add(1).read();
+                        let at = r.ptr.add(NET_HDR_LEN);
+                        (
+                            gso_type,
+                            frame::parse_raw(at, r.len - NET_HDR_LEN, frame_len),
+                        )
+                    }
+                }
+                _ => {
+                    let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
+                    let got = gather(raw, &mut head);
+                    (head[1], frame::parse(&head[NET_HDR_LEN..got], frame_len))
+                }
+            };
+            let hdr = match parsed {
+                (0, Ok(h)) => h,
+                (0, Err(e)) => {
                     port_drop(port, &port.stats.drop_malformed, &e.to_string());
+                    continue;
+                }
+                _ => {
+                    port_drop(
+                        port,
+                        &port.stats.drop_malformed,
+                        "GSO frame, but no GSO was offered",
+                    );
                     continue;
                 }
             };
@@ -555,8 +565,10 @@ mod tests {
         let (tx, rx) = (vring(&mem_a, &txq), vring(&mem_b, &rxq));
         switch.attach_rx(1, &rx, true);
 
-        // Port b's guest posted one 2 KiB receive buffer.
+        // Port b's guest posted two 2 KiB receive buffers.
         rxq.add_desc_chains(&chain(&[(0x4_0000, 2048, true)], 0), 0)
+            .expect("rx chain");
+        rxq.add_desc_chains(&chain(&[(0x5_0000, 2048, true)], 1), 1)
             .expect("rx chain");
 
         // Port a's guest: a 12-byte virtio-net header, then a broadcast frame.
@@ -567,6 +579,13 @@ mod tests {
             .expect("hdr");
         ma.write_slice(&frame, GuestAddress(0x2_0000))
             .expect("frame");
+        // The same frame behind its header in one buffer (read in place), and once more
+        // with a GSO type in the header.
+        let one = [&[0u8; NET_HDR_LEN][..], &frame].concat();
+        ma.write_slice(&one, GuestAddress(0x3_0000)).expect("one");
+        let mut gso = one.clone();
+        gso[1] = 1;
+        ma.write_slice(&gso, GuestAddress(0x3_1000)).expect("gso");
         let chains: Vec<Vec<(u64, u32, bool)>> = vec![
             // Outside guest memory.
             vec![(0x1_0000, 12, false), (0x900_0000, 60, false)],
@@ -576,6 +595,10 @@ mod tests {
             vec![(0x1_0000, 12, false), (0x2_0000, 10, false)],
             // The good one, header and frame in separate descriptors.
             vec![(0x1_0000, 12, false), (0x2_0000, frame.len() as u32, false)],
+            // GSO, never offered.
+            vec![(0x3_1000, gso.len() as u32, false)],
+            // The good one in a single descriptor.
+            vec![(0x3_0000, one.len() as u32, false)],
         ];
         let mut index = 0;
         for c in &chains {
@@ -592,22 +615,23 @@ mod tests {
             "every chain returned"
         );
         let a = &switch.ports[0].stats;
-        assert_eq!(a.drop_malformed.load(Ordering::Relaxed), 3);
-        assert_eq!(a.rx_packets.load(Ordering::Relaxed), 1);
-        assert_eq!(rxq.used().idx().load(), 1, "one frame delivered");
-        let used = rxq.used().ring().ref_at(0).expect("used").load();
-        assert_eq!(
-            used.len() as usize,
-            NET_HDR_LEN + frame.len() + 4,
-            "tag inserted"
-        );
-        let mut got = vec![0u8; used.len() as usize];
-        mb.read_slice(&mut got, GuestAddress(0x4_0000))
-            .expect("read");
-        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
-        let out = &got[NET_HDR_LEN..];
-        assert_eq!(&out[..12], &frame[..12]);
-        assert_eq!(&out[12..16], &crate::frame::tag_bytes(10));
-        assert!(out[16..] == frame[12..], "payload after the tag");
+        assert_eq!(a.drop_malformed.load(Ordering::Relaxed), 4);
+        assert_eq!(a.rx_packets.load(Ordering::Relaxed), 2);
+        assert_eq!(rxq.used().idx().load(), 2, "two frames delivered");
+        for (k, addr) in [0x4_0000, 0x5_0000].into_iter().enumerate() {
+            let used = rxq.used().ring().ref_at(k).expect("used").load();
+            assert_eq!(
+                used.len() as usize,
+                NET_HDR_LEN + frame.len() + 4,
+                "tag inserted"
+            );
+            let mut got = vec![0u8; used.len() as usize];
+            mb.read_slice(&mut got, GuestAddress(addr)).expect("read");
+            assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+            let out = &got[NET_HDR_LEN..];
+            assert_eq!(&out[..12], &frame[..12]);
+            assert_eq!(&out[12..16], &crate::frame::tag_bytes(10));
+            assert!(out[16..] == frame[12..], "payload after the tag");
+        }
     }
 }

@@ -57,12 +57,13 @@ pub enum RingError {
     Buffer { addr: u64, len: u32 },
 }
 
-/// One buffer of a chain, in host memory.
-#[derive(Clone, Copy, Debug)]
-pub struct Seg {
-    pub range: HostRange,
-    /// Device-writable (a receive buffer), as opposed to device-readable.
-    pub write: bool,
+/// What [`Ring::chain`] appended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// Bytes in the buffers appended.
+    pub bytes: usize,
+    /// Buffers of the other direction, left out.
+    pub other: usize,
 }
 
 /// Used elements written since `start` and not yet visible to the driver.
@@ -163,8 +164,20 @@ impl<'m> Ring<'m> {
         }
     }
 
-    /// Append the buffers of the chain starting at `head` to `out`.
-    pub fn chain(&self, head: u16, out: &mut Vec<Seg>) -> Result<(), RingError> {
+    /// Append to `out` the buffers of the chain starting at `head` that are
+    /// device-writable (`writable`, receive buffers) or device-readable (transmit buffers),
+    /// and count the others. On an error, `out` may hold some of the chain's buffers.
+    ///
+    /// Ranges go straight into the caller's list: staging them in a second vector and
+    /// copying them over made each copy's 16-byte load wait for two 8-byte stores to
+    /// retire (a failed store-to-load forward), once per buffer.
+    pub fn chain(
+        &self,
+        head: u16,
+        writable: bool,
+        out: &mut Vec<HostRange>,
+    ) -> Result<Taken, RingError> {
+        let mut taken = Taken::default();
         let mut table = self.desc;
         let mut len = self.size;
         let mut index = head;
@@ -220,13 +233,15 @@ impl<'m> Ring<'m> {
                 let range = self
                     .buffer(addr, dlen as usize)
                     .ok_or(RingError::Buffer { addr, len: dlen })?;
-                out.push(Seg {
-                    range,
-                    write: flags & VRING_DESC_F_WRITE as u16 != 0,
-                });
+                if (flags & VRING_DESC_F_WRITE as u16 != 0) == writable {
+                    taken.bytes += range.len;
+                    out.push(range);
+                } else {
+                    taken.other += 1;
+                }
             }
             if flags & VRING_DESC_F_NEXT as u16 == 0 {
-                return Ok(());
+                return Ok(taken);
             }
             index = next;
         }
@@ -368,15 +383,43 @@ mod tests {
         let q = queue(&vq);
         let ring = Ring::new(&q, &mem).expect("ring");
         assert_eq!(ring.posted(0), Ok(2));
-        let mut segs = Vec::new();
-        ring.chain(ring.head(0), &mut segs).expect("chain 0");
-        assert_eq!(segs.len(), 2);
-        assert!(!segs[0].write && segs[1].write);
-        assert_eq!(segs[1].range.len, 60);
-        segs.clear();
-        ring.chain(ring.head(1), &mut segs).expect("chain 1");
+        let mut ranges = Vec::new();
+        let taken = ring
+            .chain(ring.head(0), true, &mut ranges)
+            .expect("chain 0");
         assert_eq!(
-            segs.iter().map(|s| s.range.len).collect::<Vec<_>>(),
+            taken,
+            Taken {
+                bytes: 60,
+                other: 1
+            }
+        );
+        assert_eq!(ranges.len(), 1);
+        assert_eq!(ranges[0].len, 60);
+        ranges.clear();
+        let taken = ring
+            .chain(ring.head(0), false, &mut ranges)
+            .expect("chain 0");
+        assert_eq!(
+            taken,
+            Taken {
+                bytes: 12,
+                other: 1
+            }
+        );
+        ranges.clear();
+        let taken = ring
+            .chain(ring.head(1), false, &mut ranges)
+            .expect("chain 1");
+        assert_eq!(
+            taken,
+            Taken {
+                bytes: 300,
+                other: 0
+            }
+        );
+        assert_eq!(
+            ranges.iter().map(|r| r.len).collect::<Vec<_>>(),
             vec![100, 200]
         );
         ring.put_used(0, 2, 300);
@@ -402,48 +445,57 @@ mod tests {
         // A loop: 0 -> 1 -> 0.
         write_desc(0, desc(0x1000, 8, VRING_DESC_F_NEXT, 1));
         write_desc(1, desc(0x1000, 8, VRING_DESC_F_NEXT, 0));
-        assert_eq!(ring.chain(0, &mut segs), Err(RingError::Loop));
+        assert_eq!(ring.chain(0, false, &mut segs), Err(RingError::Loop));
         assert!(segs.len() <= usize::from(QSIZE), "bounded by the table");
         // Next index past the table.
         write_desc(2, desc(0x1000, 8, VRING_DESC_F_NEXT, QSIZE));
         assert!(matches!(
-            ring.chain(2, &mut segs),
+            ring.chain(2, false, &mut segs),
             Err(RingError::DescIndex { .. })
         ));
         assert!(matches!(
-            ring.chain(QSIZE, &mut segs),
+            ring.chain(QSIZE, false, &mut segs),
             Err(RingError::DescIndex { .. })
         ));
         // A buffer outside guest memory, and one running off its end.
         write_desc(3, desc(0x900_0000, 8, 0, 0));
         assert!(matches!(
-            ring.chain(3, &mut segs),
+            ring.chain(3, false, &mut segs),
             Err(RingError::Buffer { .. })
         ));
         write_desc(4, desc(0x10_0000 - 4, 8, 0, 0));
         assert!(matches!(
-            ring.chain(4, &mut segs),
+            ring.chain(4, false, &mut segs),
             Err(RingError::Buffer { .. })
         ));
         // Indirect: bad length, chained with NEXT, nested, and a loop inside.
         write_desc(5, desc(0x8000, 20, VRING_DESC_F_INDIRECT, 0));
-        assert_eq!(ring.chain(5, &mut segs), Err(RingError::IndirectLen(20)));
+        assert_eq!(
+            ring.chain(5, false, &mut segs),
+            Err(RingError::IndirectLen(20))
+        );
         write_desc(
             6,
             desc(0x8000, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 7),
         );
-        assert_eq!(ring.chain(6, &mut segs), Err(RingError::NestedIndirect));
+        assert_eq!(
+            ring.chain(6, false, &mut segs),
+            Err(RingError::NestedIndirect)
+        );
         mem.write_obj(
             desc(0x9000, 32, VRING_DESC_F_INDIRECT, 0),
             GuestAddress(0x8000),
         )
         .expect("nested");
         write_desc(7, desc(0x8000, 16, VRING_DESC_F_INDIRECT, 0));
-        assert_eq!(ring.chain(7, &mut segs), Err(RingError::NestedIndirect));
+        assert_eq!(
+            ring.chain(7, false, &mut segs),
+            Err(RingError::NestedIndirect)
+        );
         mem.write_obj(desc(0x1000, 8, VRING_DESC_F_NEXT, 0), GuestAddress(0x8000))
             .expect("self loop");
         segs.clear();
-        assert_eq!(ring.chain(7, &mut segs), Err(RingError::Loop));
+        assert_eq!(ring.chain(7, false, &mut segs), Err(RingError::Loop));
         assert_eq!(segs.len(), 1, "bounded by the indirect table");
     }
 

@@ -17,7 +17,7 @@ use crate::fdb::{Fdb, Learned};
 use crate::frame::{Header, Mac, ETH_HLEN, VLAN_HLEN};
 use crate::net::NET_HDR_LEN;
 use crate::qos::PortQos;
-use crate::ring::{Ring, Seg};
+use crate::ring::Ring;
 use crate::service::ServicePort;
 use crate::stats::PortStats;
 use crate::vlan::Egress;
@@ -84,7 +84,6 @@ pub struct Scratch {
     plans: Vec<Plan>,
     pieces: Vec<Piece>,
     dest: Vec<HostRange>,
-    segs: Vec<Seg>,
     chains: Vec<(u16, usize)>,
     /// Receive chains that cannot hold a frame, returned empty.
     bad: Vec<u16>,
@@ -96,6 +95,10 @@ pub struct Scratch {
 unsafe impl Send for Scratch {}
 
 impl Scratch {
+    // Inlined so that `out` is stored from registers: passed by reference, it was
+    // reloaded with 16-byte loads from the caller's 8- and 2-byte stores, and each such load
+    // waited for those stores to retire.
+    #[inline(always)]
     fn post(&mut self, port: usize, out: Out) {
         if self.outbox[port].is_empty() {
             self.dests.push(port);
@@ -535,23 +538,22 @@ impl Switch {
                 let head = ring.head(next.wrapping_add(taken));
                 taken += 1;
                 let first = s.dest.len();
-                s.segs.clear();
-                let unusable = match ring.chain(head, &mut s.segs) {
+                let unusable = match ring.chain(head, true, &mut s.dest) {
                     Err(e) => Some(format!("receive chain: {e}")),
-                    Ok(()) if !s.segs.iter().any(|seg| seg.write) => {
+                    Ok(t) if t.bytes == 0 => {
                         Some("receive chain without a writable buffer".to_string())
                     }
-                    Ok(()) => None,
+                    Ok(t) => {
+                        capacity += t.bytes;
+                        None
+                    }
                 };
                 if let Some(what) = unusable {
                     // Returned on its own, empty; never part of a frame.
+                    s.dest.truncate(first);
                     p.count_drop(&p.stats.drop_malformed, &what);
                     s.bad.push(head);
                     continue;
-                }
-                for seg in s.segs.iter().filter(|seg| seg.write) {
-                    capacity += seg.range.len;
-                    s.dest.push(seg.range);
                 }
                 s.chains.push((head, s.dest.len() - first));
             }
