@@ -385,6 +385,19 @@ pub fn parse_fwd_cycles(out: &str) -> Option<FwdCycles> {
     })
 }
 
+/// The generator's TX-dropped total from the `Accumulated forward statistics` block that
+/// `stop` and `show fwd stats all` print: frames it received but could not send on.
+pub fn parse_fwd_tx_dropped(out: &str) -> Option<u64> {
+    let acc = out.split("Accumulated forward statistics").nth(1)?;
+    acc.split("TX-dropped:")
+        .nth(1)?
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +446,21 @@ mod tests {
         };
         assert_eq!(s[1], (1, want1));
         assert!(parse_port_stats("no stats here").is_empty());
+    }
+
+    #[test]
+    fn parses_accumulated_tx_dropped() {
+        let out = "  ------- Forward statistics for port 0  -------
+  RX-packets: 10             RX-dropped: 0             RX-total: 10
+  TX-packets: 9              TX-dropped: 1             TX-total: 10
+
+  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++
+  RX-packets: 20             RX-dropped: 0             RX-total: 20
+  TX-packets: 17             TX-dropped: 3             TX-total: 20
+  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++
+";
+        assert_eq!(parse_fwd_tx_dropped(out), Some(3));
+        assert_eq!(parse_fwd_tx_dropped("TX-dropped: 1"), None);
     }
 
     #[test]

@@ -145,10 +145,19 @@ pub struct Measurement {
     pub ovs_cycles_per_pkt: Option<f64>,
     /// Total Mpps of each one-second sample.
     pub per_sec_mpps: Vec<f64>,
-    /// Frames the generator sent minus frames it received in the window.
-    pub lost: i64,
+    /// The generator's counters once it stopped forwarding (None if they could not be read).
+    pub settled: Option<Settled>,
     pub limit: String,
     pub notes: Vec<String>,
+}
+
+/// The generator's counters after `stop`, when they no longer move.
+#[derive(Clone, Copy, Debug)]
+pub struct Settled {
+    /// TX-packets - RX-packets over both ports since the generator started.
+    pub sent_minus_received: i64,
+    /// Frames received in the window that the generator could not send on.
+    pub gen_tx_dropped: Option<u64>,
 }
 
 struct Row {
@@ -976,6 +985,21 @@ fn measure(
     let mhz = gen_fwd.map(|f| f.mhz).filter(|&m| m > 0);
     let cpu = cpu1.saturating_sub(cpu0);
     let swp = sw.window_end(wall, cpu, packets, mhz)?;
+    // Read while frames move, TX - RX is skewed: `show port stats all` reads the ports one
+    // after the other, and the loop is two circuits (a frame received on port 0 leaves by
+    // port 1 and comes back on port 0) that may run at different speeds, so the sum is off
+    // by the speed difference times the read's duration: thousands of frames at 10 Mpps.
+    // Stopped, the counters hold still. Every frame the generator sent once more than it
+    // received (its injection), whether it still circulates, waits in a ring or was dropped
+    // by the switch; so TX - RX is exactly the injected frames, less the frames the generator
+    // itself failed to send on (TX-dropped), less any it received twice.
+    let settled = gen.cmd("stop").and_then(|reply| {
+        let ps = gen.port_stats()?;
+        Ok(Settled {
+            sent_minus_received: sum_tx(&ps) as i64 - sum_rx(&ps) as i64,
+            gen_tx_dropped: testpmd::parse_fwd_tx_dropped(&reply),
+        })
+    });
     if let Err(e) = gen.quit() {
         notes.push(e);
     }
@@ -995,7 +1019,6 @@ fn measure(
         - gcpu1.saturating_sub(gcpu0).as_secs_f64())
     .max(0.0)
         / secs;
-    let lost = (sum_tx(&p1) - sum_tx(&p0)) as i64 - packets as i64;
     if packets == 0 {
         return Err(format!(
             "no frame came back through the switch in the window; switch log:\n{}",
@@ -1009,33 +1032,33 @@ fn measure(
             per_sec.len()
         ));
     }
-    // The generator's counters start at zero and TX includes the injected frames, so TX - RX
-    // is what is in flight (in the switch or in a ring) at that moment.
     let injected = (2 * args.bursts * 32) as i64;
-    let flight = |p: &[PortStats]| sum_tx(p) as i64 - sum_rx(p) as i64;
-    let (f0, f1) = (flight(&p0), flight(&p1));
-    if f1 < 0 {
-        notes.push(format!(
-            "the generator received {} more frames than it ever sent: the switch duplicated \
-             frames",
-            -f1
-        ));
-    } else if f1 < injected / 2 {
-        notes.push(format!(
-            "only {f1} of the {injected} injected frames were still in flight at the end: the \
-             rest were dropped on the way"
-        ));
+    match &settled {
+        Ok(st) if st.sent_minus_received < injected => {
+            let missing = injected - st.sent_minus_received;
+            let dropped = st.gen_tx_dropped.unwrap_or(0) as i64;
+            if missing > dropped {
+                notes.push(format!(
+                    "stopped, the generator had received {} frames more than it sent (TX - RX \
+                     = {} of {injected} injected, {dropped} TX-dropped in the window): frames \
+                     were duplicated",
+                    missing - dropped,
+                    st.sent_minus_received
+                ));
+            } else {
+                notes.push(format!(
+                    "the generator failed to send {dropped} received frames on (TX-dropped)"
+                ));
+            }
+        }
+        Ok(st) if st.sent_minus_received > injected => notes.push(format!(
+            "stopped, TX - RX is {} with {injected} injected: the generator's counters are \
+             inconsistent",
+            st.sent_minus_received
+        )),
+        Ok(_) => {}
+        Err(e) => notes.push(format!("stop the generator: {e}")),
     }
-    if lost > injected {
-        notes.push(format!(
-            "{lost} frames sent in the window did not come back (more than the {injected} \
-             injected: dropped on the way)"
-        ));
-    }
-    notes.push(format!(
-        "frames in flight (generator TX - RX): {f0} at the start of the window, {f1} at the \
-         end, {injected} injected"
-    ));
     let (lo, hi) = per_sec
         .iter()
         .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
@@ -1062,7 +1085,7 @@ fn measure(
         others_cores: others,
         ovs_cycles_per_pkt: swp.ovs_cycles_per_pkt,
         per_sec_mpps: per_sec,
-        lost,
+        settled: settled.ok(),
         limit,
         notes,
     })
@@ -1342,10 +1365,14 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
-        n.push(format!(
-            "sent minus received in the window: {} frames; other processes: {:.2} cores",
-            m.lost, m.others_cores
-        ));
+        if let Some(st) = m.settled {
+            n.push(format!(
+                "stopped: TX - RX {} with {} injected",
+                st.sent_minus_received,
+                2 * meta.bursts * 32
+            ));
+        }
+        n.push(format!("other processes: {:.2} cores", m.others_cores));
         let run = if meta.runs > 1 {
             format!(" (run {})", r.run)
         } else {
