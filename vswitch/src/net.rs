@@ -464,7 +464,16 @@ impl VhostUserBackend for PortBackend {
         };
         self.switch.attach_rx(self.port, rx, self.mergeable());
         match device_event {
-            RX_QUEUE => {}
+            RX_QUEUE => {
+                // Receive buffers are taken only when a frame arrives (a full ring drops
+                // it), so the switch never waits for them: a kick per refill would cost the
+                // driver a syscall and this worker a wake-up for nothing. The first kick
+                // after the ring is set up turns them off (with EVENT_IDX the driver kicks
+                // only when its index passes the avail event the switch never moves).
+                if let Err(e) = rx.get_mut().disable_notification() {
+                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot disable receive kicks: {e}");
+                }
+            }
             TX_QUEUE => self.process_tx(tx),
             TIMER_EVENT => {
                 if let Err(e) = self.switch.ports[self.port].qos().timer.clear() {
