@@ -1091,6 +1091,36 @@ fn measure(
     })
 }
 
+/// vswitch's total Mpps over `peer`'s, round by round, where both points were measured.
+fn round_ratios(rows: &[Row], size: usize, peer: Target) -> Vec<f64> {
+    let mpps = |t: Target, run: usize| {
+        rows.iter()
+            .find(|r| r.target == t && r.size == size && r.run == run)
+            .and_then(|r| r.result.as_ref().ok())
+            .map(|m| m.total_mpps)
+    };
+    let mut runs: Vec<usize> = rows.iter().map(|r| r.run).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    runs.into_iter()
+        .filter_map(|run| match (mpps(Target::Vswitch, run), mpps(peer, run)) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        })
+        .collect()
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 /// What held the run back, from the busy shares of both sides and the CPU others took.
 fn limit(switch: Option<f64>, gen: Option<f64>, others: f64) -> String {
     let pct = |v: Option<f64>| {
@@ -1352,6 +1382,28 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
                 let _ = writeln!(s, "- {} {size} B: {}", t.name(), all.join(", "));
             }
         }
+        let _ = writeln!(
+            s,
+            "\nvswitch's throughput over each peer's in the same round (the two points run \
+             seconds apart, so both see the machine as it was then), and the median \
+             of those:\n"
+        );
+        for &size in sizes {
+            for peer in [Target::Ovs, Target::VhostPmd] {
+                let r = round_ratios(rows, size, peer);
+                if r.is_empty() {
+                    continue;
+                }
+                let list: Vec<String> = r.iter().map(|v| format!("{v:.2}")).collect();
+                let _ = writeln!(
+                    s,
+                    "- {size} B vswitch/{}: {}; median {}",
+                    peer.name(),
+                    list.join(", "),
+                    opt(median(&r), 2)
+                );
+            }
+        }
     }
     let mut notes = String::new();
     for r in rows {
@@ -1527,6 +1579,12 @@ mod tests {
         );
         assert!(md.contains("| 64 B | 1.00 |"), "{md}");
         assert!(md.contains("- ovs 64 B: 2.000, failed, 4.000"), "{md}");
+        // Round 2 has no OVS figure: only rounds 1 and 3 pair up.
+        assert!(
+            md.contains("- 64 B vswitch/ovs: 1.50, 0.50; median 1.00"),
+            "{md}"
+        );
+        assert!(!md.contains("vswitch/vhost-pmd:"), "{md}");
         assert!(md.contains("### ovs 64 B (run 2)"), "{md}");
     }
 
