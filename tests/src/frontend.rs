@@ -355,6 +355,12 @@ impl Ring {
         self.kick.write(1).expect("kick the queue");
     }
 
+    /// The device's used ring flags (VRING_USED_F_NO_NOTIFY: no kicks wanted).
+    pub fn used_flags(&self, mem: &GuestMemoryMmap<()>) -> u16 {
+        fence(Ordering::SeqCst);
+        get_u16(mem, self.used)
+    }
+
     pub fn used_idx(&self, mem: &GuestMemoryMmap<()>) -> u16 {
         fence(Ordering::SeqCst);
         get_u16(mem, self.used + 2)
