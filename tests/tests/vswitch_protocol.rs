@@ -28,7 +28,7 @@ use e2e::vswitch::{get as counter, Counters, Switch};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
@@ -179,6 +179,7 @@ const B_AGAIN: Layout = Layout {
 /// Everything a port offers: and nothing else (no checksum or segmentation offloads).
 fn expected_features(def: &PortDef) -> u64 {
     let mut f = 1 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_F_IN_ORDER
         | 1 << VIRTIO_NET_F_MTU
         | 1 << VIRTIO_NET_F_MRG_RXBUF
         | 1 << VIRTIO_NET_F_STATUS
@@ -290,8 +291,8 @@ impl Guest {
         assert_eq!(
             offered,
             want,
-            "port {}: GET_FEATURES must offer exactly VERSION_1, {}MTU, MRG_RXBUF, STATUS, \
-             EVENT_IDX, INDIRECT_DESC and PROTOCOL_FEATURES (extra {:#x}, missing {:#x})",
+            "port {}: GET_FEATURES must offer exactly VERSION_1, IN_ORDER, {}MTU, MRG_RXBUF, \
+             STATUS, EVENT_IDX, INDIRECT_DESC and PROTOCOL_FEATURES (extra {:#x}, missing {:#x})",
             def.name,
             if def.configured_mac { "MAC, " } else { "" },
             offered & !want,
@@ -1266,6 +1267,64 @@ fn malformed_receive_chain_is_returned_alone() {
         );
         let want = if port == "d" { untagged(&frame) } else { frame };
         assert!(got[NET_HDR..] == want[..], "port {port}: frame content");
+    }
+    lab.sw.stop();
+}
+
+/// 9. IN_ORDER: receive buffers come back in the order they were posted, an unusable
+///    one between two good ones included.
+#[test]
+fn receive_buffers_are_used_in_ring_order() {
+    let mut lab = Lab::start([32, 0, 32, 0]);
+    let g = lab.g("b");
+    g.post_rx(1);
+    let hole = g.layout.hole;
+    let bad = g.rx.post(&g.mem, &[wo(hole, 512)], false);
+    g.post_rx(1);
+    g.rx.kick();
+    let frames = [
+        eth(BROADCAST, MAC_A, None, 100, 1),
+        eth(BROADCAST, MAC_A, None, 100, 2),
+    ];
+    // Both in one transmit batch, so that one delivery takes all three receive chains.
+    let a = lab.g("a");
+    for (k, f) in frames.iter().enumerate() {
+        let at = a.tx_area() + 0x1000 * k as u64;
+        put(&a.mem, at, &[0; NET_HDR]);
+        put(&a.mem, at + NET_HDR as u64, f);
+        a.tx.post(&a.mem, &[ro(at, (NET_HDR + f.len()) as u32)], false);
+    }
+    a.tx.kick();
+    a.tx.wait_used(&a.mem, 2);
+    let g = lab.g("b");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut used = Vec::new();
+    while used.len() < 3 && Instant::now() < deadline {
+        used.extend(g.rx.take_used(&g.mem));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ids: Vec<u32> = used.iter().map(|&(id, _)| id).collect();
+    let (first, last) = (ids.first().copied(), ids.last().copied());
+    assert_eq!(
+        ids.len(),
+        3,
+        "two frames and the unusable chain (used ring {used:?})"
+    );
+    assert_eq!(
+        used[1],
+        (u32::from(bad), 0),
+        "the unusable chain comes back second, where it was posted (used ring {used:?})"
+    );
+    for (k, id) in [first, last].into_iter().enumerate() {
+        let id = id.expect("an id") as u16;
+        let addr = g.rx_bufs[&id];
+        let len = used[if k == 0 { 0 } else { 2 }].1 as usize;
+        let got = get(&g.mem, addr, len);
+        assert!(
+            got[NET_HDR..] == frames[k][..],
+            "frame {k} in the {} good buffer",
+            if k == 0 { "first" } else { "second" }
+        );
     }
     lab.sw.stop();
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
@@ -394,7 +394,12 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn features(&self) -> u64 {
+        // IN_ORDER: every ring's buffers are used in the order they were made available
+        // (the transmit path takes chains in ring order and returns them so, and delivery
+        // records each receive chain's used entry as it takes it). A driver that knows it,
+        // as DPDK's does, then frees and refills its descriptors in runs.
         let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_IN_ORDER
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_NET_F_MRG_RXBUF

@@ -69,7 +69,6 @@ struct Out {
 struct Plan {
     pieces: Range<usize>,
     dest: Range<usize>,
-    chains: Range<usize>,
     total: usize,
 }
 
@@ -84,9 +83,12 @@ pub struct Scratch {
     plans: Vec<Plan>,
     pieces: Vec<Piece>,
     dest: Vec<HostRange>,
-    chains: Vec<(u16, usize)>,
-    /// Receive chains that cannot hold a frame, returned empty.
-    bad: Vec<u16>,
+    /// Every receive chain taken, with its used length, in ring order: buffers are used in
+    /// the order they were made available (VIRTIO_F_IN_ORDER), unusable ones included.
+    used: Vec<(u16, u32)>,
+    /// The entries of `used` that hold the frame being planned (their capacity until the
+    /// frame fits).
+    frame_chains: Vec<usize>,
 }
 
 // SAFETY: the host pointers in `pieces` and `dest` are only dereferenced during the
@@ -514,8 +516,7 @@ impl Switch {
         s.plans.clear();
         s.pieces.clear();
         s.dest.clear();
-        s.chains.clear();
-        s.bad.clear();
+        s.used.clear();
         let mut taken = 0u16;
         let mut no_room = 0;
         for (k, o) in s.accepted.iter().enumerate() {
@@ -529,10 +530,11 @@ impl Switch {
                 },
                 &mut s.pieces,
             );
-            let (dest, chains, before, bad) = (s.dest.len(), s.chains.len(), taken, s.bad.len());
+            let (dest, used, before) = (s.dest.len(), s.used.len(), taken);
+            s.frame_chains.clear();
             let mut capacity = 0usize;
             while capacity < total && taken < posted {
-                if !*mergeable && s.chains.len() > chains {
+                if !*mergeable && !s.frame_chains.is_empty() {
                     break;
                 }
                 let head = ring.head(next.wrapping_add(taken));
@@ -545,6 +547,8 @@ impl Switch {
                     }
                     Ok(t) => {
                         capacity += t.bytes;
+                        s.frame_chains.push(s.used.len());
+                        s.used.push((head, t.bytes.min(u32::MAX as usize) as u32));
                         None
                     }
                 };
@@ -552,31 +556,30 @@ impl Switch {
                     // Returned on its own, empty; never part of a frame.
                     s.dest.truncate(first);
                     p.count_drop(&p.stats.drop_malformed, &what);
-                    s.bad.push(head);
-                    continue;
+                    s.used.push((head, 0));
                 }
-                s.chains.push((head, s.dest.len() - first));
             }
             if capacity < total {
-                if s.bad.len() == bad {
+                if s.used.len() - used == s.frame_chains.len() {
                     // Give this frame's buffers back for a later frame.
                     taken = before;
+                    s.used.truncate(used);
                 } else {
                     // Unusable chains were consumed among them, so the ring cannot be
                     // rewound: return this frame's buffers empty as well.
-                    s.bad
-                        .extend(s.chains[chains..].iter().map(|&(head, _)| head));
+                    for &k in &s.frame_chains {
+                        s.used[k].1 = 0;
+                    }
                 }
                 s.pieces.truncate(pieces);
                 s.dest.truncate(dest);
-                s.chains.truncate(chains);
                 // The frames after it find no room either.
                 no_room = s.accepted.len() - k;
                 break;
             }
             // num_buffers: how many chains the frame spans.
             let mut hdr = [0u8; 12];
-            let n = (s.chains.len() - chains) as u16;
+            let n = s.frame_chains.len() as u16;
             hdr[10..12].copy_from_slice(&n.to_le_bytes());
             s.pieces[pieces] = Piece::Inline {
                 bytes: hdr,
@@ -594,31 +597,28 @@ impl Switch {
             s.plans.push(Plan {
                 pieces: pieces..s.pieces.len(),
                 dest: dest..s.dest.len(),
-                chains: chains..s.chains.len(),
                 total,
             });
+            // The copy fills the chains in order: each holds its capacity, the last the rest.
+            let mut left = total;
+            for &k in &s.frame_chains {
+                let len = (s.used[k].1 as usize).min(left);
+                left -= len;
+                s.used[k].1 = len as u32;
+            }
         }
         queue.set_next_avail(next.wrapping_add(taken));
-        let mut used = ring.used_batch(queue);
-        for &head in &s.bad {
-            ring.add_used(&mut used, head, 0);
-        }
         let mut bytes = 0u64;
         for plan in &s.plans {
             let dest = &s.dest[plan.dest.clone()];
             // SAFETY: the source ranges were validated against the sender's memory, which
             // its caller holds; the destination ranges against `view`, held here.
             unsafe { copy::copy(&s.pieces[plan.pieces.clone()], dest) };
-            // The copy fills the chains in order: each holds its capacity, the last the rest.
-            let (mut k, mut left) = (0usize, plan.total);
-            for &(head, nseg) in &s.chains[plan.chains.clone()] {
-                let capacity: usize = dest[k..k + nseg].iter().map(|r| r.len).sum();
-                let len = capacity.min(left);
-                left -= len;
-                k += nseg;
-                ring.add_used(&mut used, head, len as u32);
-            }
             bytes += (plan.total - NET_HDR_LEN) as u64;
+        }
+        let mut used = ring.used_batch(queue);
+        for &(head, len) in &s.used {
+            ring.add_used(&mut used, head, len);
         }
         s.dest.clear();
         if ring.publish_batch(used, queue, event_idx) {
