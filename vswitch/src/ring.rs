@@ -171,6 +171,7 @@ impl<'m> Ring<'m> {
     /// Ranges go straight into the caller's list: staging them in a second vector and
     /// copying them over made each copy's 16-byte load wait for two 8-byte stores to
     /// retire (a failed store-to-load forward), once per buffer.
+    #[inline(always)]
     pub fn chain(
         &self,
         head: u16,
@@ -249,6 +250,7 @@ impl<'m> Ring<'m> {
 
     /// Host address of the guest buffer of `len` bytes at `addr`, if it lies in one memory
     /// region.
+    #[inline(always)]
     fn buffer(&self, addr: u64, len: usize) -> Option<HostRange> {
         let (mut start, mut size, mut base) = self.last_region.get();
         if addr.wrapping_sub(start) >= size {

@@ -65,11 +65,21 @@ struct Out {
     tagged: bool,
 }
 
-/// Where one frame goes in a destination's receive ring: index ranges into `Scratch`.
-struct Plan {
-    pieces: Range<usize>,
-    dest: Range<usize>,
-    total: usize,
+/// Where one frame goes in a destination's receive ring.
+enum Plan {
+    /// The usual case: a frame in one source buffer, leaving as it came, into one receive
+    /// buffer that holds it. The header and one copy, nothing to walk.
+    Direct {
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+    },
+    /// Anything else (a tag inserted or stripped, scattered buffers, a frame spanning
+    /// several receive chains): index ranges into `Scratch`.
+    Pieces {
+        pieces: Range<usize>,
+        dest: Range<usize>,
+    },
 }
 
 /// A port worker's buffers, kept from batch to batch so forwarding does not allocate.
@@ -519,17 +529,10 @@ impl Switch {
         s.used.clear();
         let mut taken = 0u16;
         let mut no_room = 0;
+        let mut bytes = 0u64;
         for (k, o) in s.accepted.iter().enumerate() {
-            let pieces = s.pieces.len();
-            let total = copy::plan(
-                &ranges[o.start..o.end],
-                p.spec.vlan.egress(o.vlan, o.tagged),
-                Piece::Inline {
-                    bytes: [0; 12],
-                    len: NET_HDR_LEN,
-                },
-                &mut s.pieces,
-            );
+            let egress = p.spec.vlan.egress(o.vlan, o.tagged);
+            let total = NET_HDR_LEN + egress.frame_len(o.len);
             let (dest, used, before) = (s.dest.len(), s.used.len(), taken);
             s.frame_chains.clear();
             let mut capacity = 0usize;
@@ -571,34 +574,54 @@ impl Switch {
                         s.used[k].1 = 0;
                     }
                 }
-                s.pieces.truncate(pieces);
                 s.dest.truncate(dest);
                 // The frames after it find no room either.
                 no_room = s.accepted.len() - k;
                 break;
             }
-            // num_buffers: how many chains the frame spans.
-            let mut hdr = [0u8; 12];
-            let n = s.frame_chains.len() as u16;
-            hdr[10..12].copy_from_slice(&n.to_le_bytes());
-            s.pieces[pieces] = Piece::Inline {
-                bytes: hdr,
-                len: NET_HDR_LEN,
+            let src = &ranges[o.start..o.end];
+            let Some(&first) = s.dest.get(dest) else {
+                // capacity >= total > 0, so a buffer was taken.
+                continue;
             };
-            if let Some(r) = s.dest.get(dest) {
-                // The lines the driver touched last (the virtio-net header and the Ethernet
-                // header behind it): the first one or two.
-                copy::prefetch_write(r.ptr);
-                let first_line = 64 - (r.ptr as usize % 64);
-                if r.len.min(total) > first_line {
-                    copy::prefetch_write(r.ptr.wrapping_add(first_line));
+            // The lines the driver touched last (the virtio-net header and the Ethernet
+            // header behind it): the first one or two.
+            copy::prefetch_write(first.ptr);
+            let first_line = 64 - (first.ptr as usize % 64);
+            if first.len.min(total) > first_line {
+                copy::prefetch_write(first.ptr.wrapping_add(first_line));
+            }
+            match src {
+                [one] if egress == Egress::AsIs && first.len >= total => {
+                    s.plans.push(Plan::Direct {
+                        src: one.ptr.cast_const(),
+                        dst: first.ptr,
+                        len: one.len,
+                    });
+                    s.dest.truncate(dest);
+                }
+                _ => {
+                    // num_buffers: how many chains the frame spans.
+                    let mut hdr = [0u8; 12];
+                    let n = s.frame_chains.len() as u16;
+                    hdr[10..12].copy_from_slice(&n.to_le_bytes());
+                    let pieces = s.pieces.len();
+                    let planned = copy::plan(
+                        src,
+                        egress,
+                        Piece::Inline {
+                            bytes: hdr,
+                            len: NET_HDR_LEN,
+                        },
+                        &mut s.pieces,
+                    );
+                    debug_assert_eq!(planned, total);
+                    s.plans.push(Plan::Pieces {
+                        pieces: pieces..s.pieces.len(),
+                        dest: dest..s.dest.len(),
+                    });
                 }
             }
-            s.plans.push(Plan {
-                pieces: pieces..s.pieces.len(),
-                dest: dest..s.dest.len(),
-                total,
-            });
             // The copy fills the chains in order: each holds its capacity, the last the rest.
             let mut left = total;
             for &k in &s.frame_chains {
@@ -606,15 +629,31 @@ impl Switch {
                 left -= len;
                 s.used[k].1 = len as u32;
             }
+            bytes += (total - NET_HDR_LEN) as u64;
         }
         queue.set_next_avail(next.wrapping_add(taken));
-        let mut bytes = 0u64;
         for plan in &s.plans {
-            let dest = &s.dest[plan.dest.clone()];
-            // SAFETY: the source ranges were validated against the sender's memory, which
-            // its caller holds; the destination ranges against `view`, held here.
-            unsafe { copy::copy(&s.pieces[plan.pieces.clone()], dest) };
-            bytes += (plan.total - NET_HDR_LEN) as u64;
+            match plan {
+                &Plan::Direct { src, dst, len } => {
+                    // One receive buffer: num_buffers is 1, the rest of the header 0.
+                    let mut hdr = [0u8; NET_HDR_LEN];
+                    hdr[10] = 1;
+                    // SAFETY: `dst` is a receive buffer of at least NET_HDR_LEN + len bytes
+                    // validated against `view`, held here; `src` is `len` bytes of the
+                    // sender's validated memory, which its caller holds. `ptr::copy`
+                    // tolerates a guest that made its TX and RX buffers overlap.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(hdr.as_ptr(), dst, NET_HDR_LEN);
+                        std::ptr::copy(src, dst.add(NET_HDR_LEN), len);
+                    }
+                }
+                Plan::Pieces { pieces, dest } => {
+                    // SAFETY: the source ranges were validated against the sender's memory,
+                    // which its caller holds; the destination ranges against `view`, held
+                    // here.
+                    unsafe { copy::copy(&s.pieces[pieces.clone()], &s.dest[dest.clone()]) };
+                }
+            }
         }
         let mut used = ring.used_batch(queue);
         for &(head, len) in &s.used {
