@@ -119,6 +119,15 @@ impl Scratch {
     }
 }
 
+/// The virtio-net header the switch writes before each frame it delivers: no offloads,
+/// and `num_buffers`, how many receive chains the frame spans.
+#[inline(always)]
+fn net_header(num_buffers: u16) -> [u8; NET_HDR_LEN] {
+    let mut hdr = [0u8; NET_HDR_LEN];
+    hdr[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+    hdr
+}
+
 pub struct Port {
     pub spec: PortSpec,
     pub qos: Mutex<PortQos>,
@@ -580,19 +589,18 @@ impl Switch {
                 break;
             }
             let src = &ranges[o.start..o.end];
-            let Some(&first) = s.dest.get(dest) else {
-                // capacity >= total > 0, so a buffer was taken.
-                continue;
-            };
-            // The lines the driver touched last (the virtio-net header and the Ethernet
-            // header behind it): the first one or two.
-            copy::prefetch_write(first.ptr);
-            let first_line = 64 - (first.ptr as usize % 64);
-            if first.len.min(total) > first_line {
-                copy::prefetch_write(first.ptr.wrapping_add(first_line));
+            let first = s.dest.get(dest).copied();
+            if let Some(r) = first {
+                // The lines the driver touched last (the virtio-net header and the Ethernet
+                // header behind it): the first one or two.
+                copy::prefetch_write(r.ptr);
+                let first_line = 64 - (r.ptr as usize % 64);
+                if r.len.min(total) > first_line {
+                    copy::prefetch_write(r.ptr.wrapping_add(first_line));
+                }
             }
-            match src {
-                [one] if egress == Egress::AsIs && first.len >= total => {
+            match (src, first) {
+                ([one], Some(first)) if egress == Egress::AsIs && first.len >= total => {
                     s.plans.push(Plan::Direct {
                         src: one.ptr.cast_const(),
                         dst: first.ptr,
@@ -601,16 +609,12 @@ impl Switch {
                     s.dest.truncate(dest);
                 }
                 _ => {
-                    // num_buffers: how many chains the frame spans.
-                    let mut hdr = [0u8; 12];
-                    let n = s.frame_chains.len() as u16;
-                    hdr[10..12].copy_from_slice(&n.to_le_bytes());
                     let pieces = s.pieces.len();
                     let planned = copy::plan(
                         src,
                         egress,
                         Piece::Inline {
-                            bytes: hdr,
+                            bytes: net_header(s.frame_chains.len() as u16),
                             len: NET_HDR_LEN,
                         },
                         &mut s.pieces,
@@ -635,9 +639,7 @@ impl Switch {
         for plan in &s.plans {
             match plan {
                 &Plan::Direct { src, dst, len } => {
-                    // One receive buffer: num_buffers is 1, the rest of the header 0.
-                    let mut hdr = [0u8; NET_HDR_LEN];
-                    hdr[10] = 1;
+                    let hdr = net_header(1);
                     // SAFETY: `dst` is a receive buffer of at least NET_HDR_LEN + len bytes
                     // validated against `view`, held here; `src` is `len` bytes of the
                     // sender's validated memory, which its caller holds. `ptr::copy`
