@@ -3,13 +3,30 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A struct of `AtomicU64` counters with a `snapshot()` of (name, value) pairs.
+/// A struct of `AtomicU64` counters with a `snapshot()` of (name, value) pairs, and a log
+/// limiter per counter (`may_log`) for the lines a guest can cause.
 #[macro_export]
 macro_rules! counters {
     ($(#[$m:meta])* $name:ident { $($field:ident),* $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Default)]
-        pub struct $name { $(pub $field: ::std::sync::atomic::AtomicU64,)* }
+        #[derive(Debug)]
+        pub struct $name {
+            $(pub $field: ::std::sync::atomic::AtomicU64,)*
+            /// One limiter per counter, in field order.
+            logs: ::std::boxed::Box<[$crate::logging::LogLimit]>,
+        }
+
+        impl ::std::default::Default for $name {
+            fn default() -> Self {
+                $name {
+                    $($field: ::std::sync::atomic::AtomicU64::new(0),)*
+                    logs: [$(stringify!($field)),*]
+                        .iter()
+                        .map(|_| $crate::logging::LogLimit::new())
+                        .collect(),
+                }
+            }
+        }
 
         impl $name {
             /// (name, value) pairs, for logs and the control socket.
@@ -19,6 +36,14 @@ macro_rules! counters {
                     self.$field.load(::std::sync::atomic::Ordering::Relaxed),
                 ),)*]
             }
+
+            /// Whether a line about `counter` (one of this struct's) may be logged now:
+            /// at most one a second per counter, with how many were held back before it.
+            pub fn may_log(&self, counter: &::std::sync::atomic::AtomicU64) -> Option<u64> {
+                let fields = [$(&self.$field),*];
+                let i = fields.iter().position(|f| ::std::ptr::eq(*f, counter))?;
+                self.logs.get(i)?.check()
+            }
         }
     };
 }
@@ -26,12 +51,6 @@ macro_rules! counters {
 /// Add `n` and return the new value.
 pub fn bump(counter: &AtomicU64, n: u64) -> u64 {
     counter.fetch_add(n, Ordering::Relaxed) + n
-}
-
-/// Log the first few occurrences of a guest error, then only every power of two, so a
-/// hostile guest cannot flood the log while each reason stays visible with its count.
-pub fn should_log(count: u64) -> bool {
-    count <= 8 || count.is_power_of_two()
 }
 
 #[cfg(test)]
@@ -44,11 +63,15 @@ mod tests {
     );
 
     #[test]
-    fn snapshot_names_and_log_points() {
+    fn snapshot_names_and_a_log_limit_per_counter() {
         let p = Pair::default();
         assert_eq!(bump(&p.b, 3), 3);
         assert_eq!(p.snapshot(), vec![("a", 0), ("b", 3)]);
-        let logged: Vec<u64> = (1..=40).filter(|&n| should_log(n)).collect();
-        assert_eq!(logged, vec![1, 2, 3, 4, 5, 6, 7, 8, 16, 32]);
+        assert_eq!(p.may_log(&p.a), Some(0));
+        assert_eq!(p.may_log(&p.a), None);
+        // Another cause has its own second.
+        assert_eq!(p.may_log(&p.b), Some(0));
+        let stranger = AtomicU64::new(0);
+        assert_eq!(p.may_log(&stranger), None);
     }
 }

@@ -888,6 +888,7 @@ fn hostile_transmit_chains() {
     lab.expect_counters(
         "a bogus avail index on b's transmit ring",
         &[
+            ("b", "ring_errors", 1),
             ("a", "rx_packets", 1),
             ("b", "tx_packets", 1),
             ("c", "tx_packets", 1),
@@ -922,6 +923,35 @@ fn hostile_transmit_chains() {
         &[("b", vec![f.clone()]), ("c", vec![tagged(&f, 10)])],
     );
     lab.sw.assert_alive("hostile chains");
+    lab.sw.stop();
+}
+
+/// A guest that sends nothing but bad chains gets one log line a second for that cause,
+/// with the count held back, however many it sends; the counter has them all.
+#[test]
+fn a_flood_of_bad_chains_is_logged_once_a_second() {
+    let mut lab = Lab::start([32; 4]);
+    let b = lab.g("b");
+    let hdr = b.tx_area();
+    put(&b.mem, hdr, &[0; NET_HDR]);
+    const FLOOD: u64 = 1000;
+    let started = Instant::now();
+    for _ in 0..FLOOD {
+        lab.g("b").submit(&[ro(hdr, 8)], false);
+    }
+    let secs = started.elapsed().as_secs();
+    lab.expect_counters("a flood of short chains", &[("b", "drop_malformed", FLOOD)]);
+    let lines = lab
+        .sw
+        .log()
+        .lines()
+        .filter(|l| l.contains("dropped a frame") && l.contains("port=b"))
+        .count() as u64;
+    assert!(
+        (1..=secs + 1).contains(&lines),
+        "{FLOOD} bad chains in {secs} s logged {lines} lines:\n{}",
+        lab.sw.log()
+    );
     lab.sw.stop();
 }
 

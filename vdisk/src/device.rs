@@ -195,11 +195,12 @@ impl Device {
             return;
         }
         let n = common::counters::bump(&self.stats.err_config_write, 1);
-        if common::counters::should_log(n) {
+        if let Some(suppressed) = self.stats.may_log(&self.stats.err_config_write) {
             tracing::warn!(
                 offset,
                 len = buf.len(),
                 count = n,
+                suppressed,
                 "ignored a config write outside the writeback field"
             );
         }

@@ -18,7 +18,7 @@ use crate::image::Format;
 use crate::qcow2::Qcow2;
 use crate::request::{self, Kind, Range, Rejected, Request, Scratch, ID_BYTES};
 use crate::translate::{self, FileRead};
-use common::counters::{bump, should_log};
+use common::counters::bump;
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -217,7 +217,7 @@ impl QueueWorker {
             let target = match state.get_queue().avail_idx(&*mem.memory(), Acquire) {
                 Ok(idx) => idx.0,
                 Err(e) => {
-                    warn!(queue = self.index, "cannot read the avail index: {e}");
+                    ring_error(dev, self.index, &e);
                     return None;
                 }
             };
@@ -324,12 +324,14 @@ impl QueueWorker {
     }
 
     fn reject(&mut self, r: Rejected, mem: &Mem, dev: &Device) {
-        let n = bump(r.error.counter(&dev.stats), 1);
-        if should_log(n) {
+        let counter = r.error.counter(&dev.stats);
+        let n = bump(counter, 1);
+        if let Some(suppressed) = dev.stats.may_log(counter) {
             warn!(
                 queue = self.index,
                 head = r.head,
                 count = n,
+                suppressed,
                 "rejected request: {}",
                 r.error
             );
@@ -494,8 +496,14 @@ impl QueueWorker {
         };
         if let Err(e) = result {
             let n = bump(&dev.stats.err_image, 1);
-            if should_log(n) {
-                warn!(queue = self.index, count = n, "{:?} failed: {e}", slot.kind);
+            if let Some(suppressed) = dev.stats.may_log(&dev.stats.err_image) {
+                warn!(
+                    queue = self.index,
+                    count = n,
+                    suppressed,
+                    "{:?} failed: {e}",
+                    slot.kind
+                );
             }
             slot.error = Some(e.errno());
         }
@@ -536,7 +544,7 @@ impl QueueWorker {
         match mem.write_obj(VIRTIO_BLK_S_OK as u8, req.status) {
             Ok(()) => self.done.push((req.head, req.used_len)),
             Err(e) => {
-                warn!(queue = self.index, "cannot write status: {e}");
+                ring_error(dev, self.index, &e);
                 self.done.push((req.head, 0));
             }
         }
@@ -641,11 +649,12 @@ impl QueueWorker {
             None => VIRTIO_BLK_S_OK,
             Some(errno) => {
                 let n = bump(&dev.stats.err_io, 1);
-                if should_log(n) {
+                if let Some(suppressed) = dev.stats.may_log(&dev.stats.err_io) {
                     warn!(
                         queue = self.index,
                         image = %dev.image.path().display(),
                         count = n,
+                        suppressed,
                         "{:?} failed: {}",
                         slot.kind,
                         std::io::Error::from_raw_os_error(errno)
@@ -668,7 +677,7 @@ impl QueueWorker {
             1
         };
         if let Err(e) = slot.mem.write_obj(status, slot.status) {
-            warn!(queue = self.index, "cannot write status: {e}");
+            ring_error(dev, self.index, &e);
         }
         self.done.push((slot.head, used_len));
     }
@@ -686,6 +695,16 @@ impl QueueWorker {
         if let Err(e) = common::vring::notify_guest(&mut state) {
             warn!(queue = self.index, "{e}");
         }
+    }
+}
+
+/// The guest's rings or status bytes are where it said they would not be: counted, and
+/// logged at most once a second, since a guest that scribbles on its ring meets this on
+/// every kick.
+fn ring_error(dev: &Device, queue: usize, e: &dyn std::fmt::Display) {
+    let n = bump(&dev.stats.err_ring, 1);
+    if let Some(suppressed) = dev.stats.may_log(&dev.stats.err_ring) {
+        warn!(queue, count = n, suppressed, "unusable ring: {e}");
     }
 }
 

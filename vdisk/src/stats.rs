@@ -23,5 +23,6 @@ common::counters!(
         err_io,
         err_image,
         err_config_write,
+        err_ring,
     }
 );

@@ -25,7 +25,7 @@ use crate::copy::{self, HostRange};
 use crate::frame::{self, PEEK_LEN};
 use crate::ring::Ring;
 use crate::switch::{Frame, Mem, Port, Scratch, Switch};
-use common::counters::{bump, should_log};
+use common::counters::bump;
 
 /// virtio_net_hdr_v1: 12 bytes whenever VERSION_1 is negotiated.
 pub const NET_HDR_LEN: usize = 12;
@@ -116,15 +116,20 @@ impl PortBackend {
             let queue = state.get_queue_mut();
             let view = mem.memory();
             let next = queue.next_avail();
-            let (ring, posted) =
-                match Ring::new(queue, &view).and_then(|r| r.posted(next).map(|n| (r, n))) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Wait for the frontend to set the ring up again.
-                        warn!(port = %port.spec.name, "unusable transmit ring: {e}");
-                        break;
+            let (ring, posted) = match Ring::new(queue, &view)
+                .and_then(|r| r.posted(next).map(|n| (r, n)))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // Wait for the frontend to set the ring up again; a guest that
+                    // scribbles on its ring gets here on every kick.
+                    let n = bump(&port.stats.ring_errors, 1);
+                    if let Some(suppressed) = port.stats.may_log(&port.stats.ring_errors) {
+                        warn!(port = %port.spec.name, count = n, suppressed, "unusable transmit ring: {e}");
                     }
-                };
+                    break;
+                }
+            };
             if !std::ptr::eq(&*view, &*mem.memory()) {
                 // The guest's memory table changed while the index was read: start over
                 // with the new one, which holds every buffer posted so far.
@@ -360,8 +365,8 @@ impl TxScratch {
 
 fn port_drop(port: &crate::switch::Port, counter: &AtomicU64, what: &str) {
     let n = bump(counter, 1);
-    if should_log(n) {
-        warn!(port = %port.spec.name, count = n, "dropped a frame: {what}");
+    if let Some(suppressed) = port.stats.may_log(counter) {
+        warn!(port = %port.spec.name, count = n, suppressed, "dropped a frame: {what}");
     }
 }
 

@@ -16,4 +16,5 @@ common::counters!(PortStats {
     drop_malformed,
     drop_mac_limit,
     fdb_full,
+    ring_errors,
 });

@@ -21,7 +21,7 @@ use crate::ring::Ring;
 use crate::service::ServicePort;
 use crate::stats::PortStats;
 use crate::vlan::Egress;
-use common::counters::{bump, should_log};
+use common::counters::bump;
 
 pub type Mem = GuestMemoryMmap<()>;
 
@@ -157,9 +157,8 @@ impl Port {
 
     fn count_drops(&self, counter: &AtomicU64, frames: u64, what: &str) {
         let n = bump(counter, frames);
-        // Log when the count passes a logging point (see `should_log`); batches are small.
-        if (n + 1 - frames..=n).any(should_log) {
-            warn!(port = %self.spec.name, count = n, "dropped a frame: {what}");
+        if let Some(suppressed) = self.stats.may_log(counter) {
+            warn!(port = %self.spec.name, count = n, suppressed, "dropped a frame: {what}");
         }
     }
 }
