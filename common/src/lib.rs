@@ -2,6 +2,7 @@
 //! socket, the accept/serve/reaccept loop around `vhost-user-backend`, orderly shutdown on
 //! SIGINT/SIGTERM, the control socket, counters, and the token-bucket rate limiter.
 
+pub mod access;
 pub mod control;
 pub mod counters;
 pub mod logging;

@@ -3,7 +3,7 @@
 //! the device state (the open image, counters) carried over in the backend.
 
 use tracing::{info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -23,11 +23,12 @@ pub trait SessionHooks<B: VhostUserBackend> {
     fn detached(&self);
 }
 
-/// Serve frontends on `listener` one after another, forever.
+/// Serve frontends one after another, forever: `start` connects each fresh daemon to its
+/// frontend (`VhostUserDaemon::start` on a listener, say).
 pub fn serve_forever<B, H>(
     name: &str,
     socket: &str,
-    listener: &mut Listener,
+    mut start: impl FnMut(&mut VhostUserDaemon<B>) -> Result<(), String>,
     backend: B,
     hooks: &H,
 ) -> Result<(), ServerError>
@@ -45,9 +46,9 @@ where
         .map_err(|e| ServerError::Setup(e.to_string()))?;
         hooks.attach(&daemon).map_err(ServerError::Setup)?;
         info!(socket, "waiting for a frontend");
-        daemon.start(listener).map_err(|e| ServerError::Accept {
+        start(&mut daemon).map_err(|reason| ServerError::Accept {
             socket: socket.to_string(),
-            reason: e.to_string(),
+            reason,
         })?;
         info!(socket, "frontend connected");
         match daemon.wait() {

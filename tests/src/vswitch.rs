@@ -93,6 +93,15 @@ impl Switch {
         switch
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The temp dir holding the config, the log and the sockets.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn socket(&self, port: &str) -> PathBuf {
         self.dir.path().join(format!("{port}.sock"))
     }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use common::access::{AccessError, PeerPolicy, SocketPerms};
 use serde::Deserialize;
 
 use crate::engine::EngineKind;
@@ -34,6 +35,23 @@ pub struct ServeArgs {
     /// Unix socket for `vdisk ctl` [default: the --socket path with `.ctl` appended].
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// Mode of the vhost-user socket, in octal: connecting needs write access
+    /// [default: 0600, whatever the umask].
+    #[arg(long)]
+    pub socket_mode: Option<String>,
+    /// Owner (user name or uid) of the vhost-user socket, e.g. the user QEMU runs as.
+    #[arg(long)]
+    pub socket_owner: Option<String>,
+    /// Group (name or gid) of the vhost-user socket.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// A user (name or uid) allowed on the control socket besides root and vdisk's own
+    /// user; may be repeated.
+    #[arg(long = "control-user")]
+    pub control_users: Vec<String>,
+    /// A group whose members may use the control socket; may be repeated.
+    #[arg(long = "control-group")]
+    pub control_groups: Vec<String>,
     /// Export read-only (VIRTIO_BLK_F_RO).
     #[arg(long)]
     pub readonly: bool,
@@ -75,6 +93,11 @@ struct FileServe {
     format: Option<FormatKind>,
     socket: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_owner: Option<String>,
+    socket_group: Option<String>,
+    control_users: Option<Vec<String>>,
+    control_groups: Option<Vec<String>>,
     readonly: Option<bool>,
     num_queues: Option<u16>,
     queue_size: Option<u16>,
@@ -99,6 +122,8 @@ pub struct ServeConfig {
     pub format: FormatKind,
     pub socket: PathBuf,
     pub control_socket: PathBuf,
+    pub socket_perms: SocketPerms,
+    pub control_access: PeerPolicy,
     pub readonly: bool,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -121,6 +146,11 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("missing {0}: give --{0} or set serve.{0} in --config FILE")]
     Missing(&'static str),
+    #[error("{key}: {source}")]
+    Access {
+        key: &'static str,
+        source: AccessError,
+    },
     #[error("{key} = {value}: {why}")]
     Invalid {
         key: &'static str,
@@ -226,11 +256,42 @@ impl TryFrom<ServeArgs> for ServeConfig {
             .control_socket
             .or(file.control_socket)
             .unwrap_or_else(|| default_control_socket(&socket));
+        let socket_perms = SocketPerms::parse(
+            args.socket_mode.or(file.socket_mode).as_deref(),
+            args.socket_owner.or(file.socket_owner).as_deref(),
+            args.socket_group.or(file.socket_group).as_deref(),
+        )
+        .map_err(|source| ConfigError::Access {
+            key: match source {
+                AccessError::Mode(_) => "socket-mode",
+                AccessError::NoUser(_) => "socket-owner",
+                AccessError::NoGroup(_) => "socket-group",
+            },
+            source,
+        })?;
+        // The command line's lists replace the file's, as its other options do.
+        let pick = |cli: Vec<String>, file: Option<Vec<String>>| match cli.is_empty() {
+            true => file.unwrap_or_default(),
+            false => cli,
+        };
+        let control_access = PeerPolicy::parse(
+            &pick(args.control_users, file.control_users),
+            &pick(args.control_groups, file.control_groups),
+        )
+        .map_err(|source| ConfigError::Access {
+            key: match source {
+                AccessError::NoGroup(_) => "control-group",
+                _ => "control-user",
+            },
+            source,
+        })?;
         Ok(ServeConfig {
             image,
             format: args.format.or(file.format).unwrap_or(FormatKind::Auto),
             socket,
             control_socket,
+            socket_perms,
+            control_access,
             readonly,
             num_queues,
             queue_size,

@@ -25,8 +25,12 @@ pub enum Request {
 }
 
 /// Answer the control socket forever (on its own thread).
-pub fn serve(backend: BlkBackend, sock: common::socket::ClaimedSocket) {
-    common::control::serve(&sock, |req| handle(&backend, req));
+pub fn serve(
+    backend: BlkBackend,
+    sock: common::socket::ClaimedSocket,
+    access: &common::access::PeerPolicy,
+) {
+    common::control::serve(&sock, access, move |req| handle(&backend, req));
 }
 
 fn error(e: impl std::fmt::Display) -> Value {

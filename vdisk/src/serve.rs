@@ -76,8 +76,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         std::time::Duration::from_micros(u64::from(cfg.poll_us)),
     );
     let backend = BlkBackend::new(dev, cfg.engine);
-    let mut claimed = common::socket::claim(&cfg.socket)?;
-    let control = common::socket::claim(&cfg.control_socket)?;
+    let mut claimed = common::socket::claim(&cfg.socket, &cfg.socket_perms)?;
+    let control = common::socket::claim(&cfg.control_socket, &cfg.control_access.socket_perms())?;
 
     let files = [claimed.files(), control.files()];
     let on_signal = backend.clone();
@@ -116,11 +116,18 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let ctl_backend = backend.clone();
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || crate::ctl::serve(ctl_backend, control))
+        .spawn(move || crate::ctl::serve(ctl_backend, control, &cfg.control_access))
         .map_err(ServeError::Thread)?;
     info!(socket = %cfg.control_socket.display(), "control socket ready");
     let socket = cfg.socket.display().to_string();
     let hooks = Hooks(backend.clone());
-    serve_forever("vdisk", &socket, &mut claimed.listener, backend, &hooks)?;
+    let listener = &mut claimed.listener;
+    serve_forever(
+        "vdisk",
+        &socket,
+        |d| d.start(listener).map_err(|e| e.to_string()),
+        backend,
+        &hooks,
+    )?;
     Ok(())
 }

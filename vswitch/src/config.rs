@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use common::access::{PeerPolicy, SocketPerms};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use toml::{Spanned, Table, Value};
@@ -54,6 +55,10 @@ pub struct SwitchConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwitchSettings {
     pub control_socket: PathBuf,
+    /// Who may use the control socket besides root and the switch's own user.
+    pub control_access: PeerPolicy,
+    /// The port sockets' permissions unless a port sets its own.
+    pub socket_perms: SocketPerms,
     pub mac_aging: Duration,
     /// Global FDB limit (entries over all VLANs).
     pub mac_table_size: usize,
@@ -76,6 +81,8 @@ pub struct ServiceIp {
 pub struct PortConfig {
     pub name: String,
     pub socket: PathBuf,
+    /// The listening socket's mode, owner and group (server mode).
+    pub socket_perms: SocketPerms,
     pub mode: PortMode,
     pub vlan: VlanMode,
     pub mac: Option<MacAddr>,
@@ -406,6 +413,13 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct FileSwitch {
     control_socket: Option<PathBuf>,
+    #[serde(default)]
+    control_users: Vec<String>,
+    #[serde(default)]
+    control_groups: Vec<String>,
+    socket_mode: Option<String>,
+    socket_owner: Option<String>,
+    socket_group: Option<String>,
     mac_aging_secs: Option<i64>,
     mac_table_size: Option<i64>,
 }
@@ -422,6 +436,9 @@ struct FileVlan {
 struct FilePort {
     name: String,
     socket: PathBuf,
+    socket_mode: Option<String>,
+    socket_owner: Option<String>,
+    socket_group: Option<String>,
     #[serde(default)]
     mode: PortMode,
     vlan: Value,
@@ -504,8 +521,20 @@ fn switch_settings(t: Table) -> Result<SwitchSettings, Bad> {
     let aging = f.mac_aging_secs.unwrap_or(DEFAULT_MAC_AGING_SECS.into());
     let size = f.mac_table_size.unwrap_or(DEFAULT_MAC_TABLE_SIZE.into());
     let size = ranged("mac_table_size", size, 1, MAX_MAC_TABLE_SIZE)?;
+    let control_access =
+        PeerPolicy::parse(&f.control_users, &f.control_groups).map_err(|e| match e {
+            common::access::AccessError::NoGroup(_) => bad("control_groups", e.to_string()),
+            _ => bad("control_users", e.to_string()),
+        })?;
     Ok(SwitchSettings {
         control_socket: socket_path("control_socket", control)?,
+        control_access,
+        socket_perms: socket_perms(
+            SocketPerms::default(),
+            f.socket_mode,
+            f.socket_owner,
+            f.socket_group,
+        )?,
         mac_aging: Duration::from_secs(
             ranged("mac_aging_secs", aging, 1, MAX_MAC_AGING_SECS)? as u64
         ),
@@ -555,7 +584,31 @@ fn vlan_mode(v: Value) -> Result<VlanMode, Bad> {
     Ok(VlanMode::Trunk { allowed, native })
 }
 
-fn port_config(t: Table) -> Result<PortConfig, Bad> {
+/// `base` with what the `socket_mode`, `socket_owner` and `socket_group` keys set.
+fn socket_perms(
+    base: SocketPerms,
+    mode: Option<String>,
+    owner: Option<String>,
+    group: Option<String>,
+) -> Result<SocketPerms, Bad> {
+    let why = |e: common::access::AccessError| e.to_string();
+    Ok(SocketPerms {
+        mode: match mode {
+            Some(m) => common::access::parse_mode(&m).map_err(|e| bad("socket_mode", why(e)))?,
+            None => base.mode,
+        },
+        owner: match owner {
+            Some(u) => Some(common::access::user_id(&u).map_err(|e| bad("socket_owner", why(e)))?),
+            None => base.owner,
+        },
+        group: match group {
+            Some(g) => Some(common::access::group_id(&g).map_err(|e| bad("socket_group", why(e)))?),
+            None => base.group,
+        },
+    })
+}
+
+fn port_config(t: Table, defaults: &SwitchSettings) -> Result<PortConfig, Bad> {
     let f: FilePort = from_table(Value::Table(t), "")?;
     let name_ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
     if f.name.is_empty() || f.name.len() > MAX_NAME || !f.name.chars().all(name_ok) {
@@ -599,6 +652,12 @@ fn port_config(t: Table) -> Result<PortConfig, Bad> {
     Ok(PortConfig {
         name: f.name,
         socket: socket_path("socket", f.socket)?,
+        socket_perms: socket_perms(
+            defaults.socket_perms,
+            f.socket_mode,
+            f.socket_owner,
+            f.socket_group,
+        )?,
         mode: f.mode,
         vlan: vlan_mode(f.vlan)?,
         mac,
@@ -667,7 +726,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<SwitchConfig, ConfigError> {
             Some(name) => format!("[[port]] #{} \"{name}\" (line {line})", i + 1),
             None => format!("[[port]] #{} (line {line})", i + 1),
         };
-        let p = port_config(t.into_inner()).map_err(|b| fail(place.clone(), b))?;
+        let p = port_config(t.into_inner(), &switch).map_err(|b| fail(place.clone(), b))?;
         if !names.insert(p.name.clone()) {
             let why = format!("\"{}\" is already the name of another port", p.name);
             return Err(fail(place, bad("name", why)));

@@ -35,9 +35,14 @@ fn vlan_text(v: &crate::config::VlanMode) -> String {
 }
 
 /// Serve the control socket forever (on its own thread).
-pub fn serve(switch: Arc<Switch>, qos: Vec<QosConfig>, sock: common::socket::ClaimedSocket) {
+pub fn serve(
+    switch: Arc<Switch>,
+    qos: Vec<QosConfig>,
+    sock: common::socket::ClaimedSocket,
+    access: &common::access::PeerPolicy,
+) {
     let qos = std::sync::Mutex::new(qos);
-    common::control::serve(&sock, |req| handle(&switch, &qos, req));
+    common::control::serve(&sock, access, move |req| handle(&switch, &qos, req));
 }
 
 fn handle(switch: &Switch, qos: &std::sync::Mutex<Vec<QosConfig>>, req: Request) -> Value {

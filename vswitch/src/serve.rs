@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use common::server::{serve_forever, SessionHooks};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::mpsc;
 
 use common::socket::ClaimedSocket;
 use std::os::fd::AsRawFd;
@@ -106,23 +106,35 @@ impl Frontends {
     }
 }
 
-/// Take one frontend at a time and relay it to the library's private socket until the
-/// session ends.
-fn frontend_loop(frontends: Frontends, inner_name: &str, port: &str) {
+/// Take one frontend at a time and relay it to the port's backend until the session ends.
+/// Each session's backend end is a connection nobody else can make: the library accepts
+/// only on a listener, so it gets one that holds just this connection
+/// ([`common::socket::private_connection`]).
+fn frontend_loop(frontends: Frontends, sessions: mpsc::Sender<Listener>, port: &str) {
     let mut waiting = false;
     loop {
         let Some(frontend) = frontends.next(port, &mut waiting) else {
             continue;
         };
-        let inner =
-            SocketAddr::from_abstract_name(inner_name).and_then(|a| UnixStream::connect_addr(&a));
-        match inner {
-            Ok(backend) => {
-                if let Err(e) = crate::relay::run(frontend, backend) {
-                    warn!(port, "frontend session relay ended: {e}");
-                }
+        let (listener, backend) = match common::socket::private_connection() {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!(
+                    port,
+                    "cannot connect the frontend to the port's backend: {e}"
+                );
+                continue;
             }
-            Err(e) => error!(port, "cannot reach the port's backend: {e}"),
+        };
+        if sessions.send(listener).is_err() {
+            error!(
+                port,
+                "the port's backend has stopped; refusing the frontend"
+            );
+            return;
+        }
+        if let Err(e) = crate::relay::run(frontend, backend) {
+            warn!(port, "frontend session relay ended: {e}");
         }
     }
 }
@@ -167,7 +179,9 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
     let mut claimed = Vec::new();
     for p in &cfg.ports {
         claimed.push(match p.mode {
-            PortMode::Server => Frontends::Listen(common::socket::claim(&p.socket)?),
+            PortMode::Server => {
+                Frontends::Listen(common::socket::claim(&p.socket, &p.socket_perms)?)
+            }
             PortMode::Client => Frontends::Connect(p.socket.clone()),
         });
     }
@@ -175,7 +189,8 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         // The default lives in /run/vswitch, which may not exist yet.
         let _ = std::fs::create_dir_all(dir);
     }
-    let control = common::socket::claim(&cfg.switch.control_socket)?;
+    let access = cfg.switch.control_access.clone();
+    let control = common::socket::claim(&cfg.switch.control_socket, &access.socket_perms())?;
     let mut files: Vec<_> = claimed
         .iter()
         .filter_map(|c| match c {
@@ -201,7 +216,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
     threads.push(
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || crate::ctl::serve(ctl_switch, qos, control))
+            .spawn(move || crate::ctl::serve(ctl_switch, qos, control, &access))
             .map_err(|source| ServeError::Thread {
                 port: "control".into(),
                 source,
@@ -212,22 +227,11 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         let socket = cfg.ports[index].socket.display().to_string();
         let switch = switch.clone();
         info!(port = %name, socket = %socket, vlan = ?switch.ports[index].spec.vlan, "port ready");
-        // The library serves a private socket; the relay joins each frontend to it.
-        let inner_name = format!("vswitch-{}-{index}", std::process::id());
-        let inner = UnixListener::bind_addr(&SocketAddr::from_abstract_name(&inner_name).map_err(
-            |source| ServeError::Thread {
-                port: name.clone(),
-                source,
-            },
-        )?)
-        .map_err(|source| ServeError::Thread {
-            port: name.clone(),
-            source,
-        })?;
+        let (sessions, next_session) = mpsc::channel::<Listener>();
         let relay_name = name.clone();
         let acceptor = std::thread::Builder::new()
             .name(format!("accept-{name}"))
-            .spawn(move || frontend_loop(sock, &inner_name, &relay_name))
+            .spawn(move || frontend_loop(sock, sessions, &relay_name))
             .map_err(|source| ServeError::Thread {
                 port: name.clone(),
                 source,
@@ -241,8 +245,13 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
                     switch,
                     port: index,
                 };
-                let mut listener = Listener::from(inner);
-                if let Err(e) = serve_forever("vswitch", &socket, &mut listener, backend, &hooks) {
+                let start = |d: &mut VhostUserDaemon<PortBackend>| {
+                    let mut listener = next_session
+                        .recv()
+                        .map_err(|_| "the frontend acceptor has stopped".to_string())?;
+                    d.start(&mut listener).map_err(|e| e.to_string())
+                };
+                if let Err(e) = serve_forever("vswitch", &socket, start, backend, &hooks) {
                     error!(port = %name, "port stopped: {e}");
                 }
             })
