@@ -50,31 +50,20 @@ pub enum FrameError {
     ReservedVlan(u16),
 }
 
-/// Parse the header of a frame of `len` bytes whose first bytes are `peek`.
+/// Parse the header of a frame of `len` bytes whose first bytes are `peek`. The forwarding
+/// path passes its snapshot of the sender's buffer, never the buffer itself, so what is
+/// decided here is what is forwarded.
 pub fn parse(peek: &[u8], len: usize) -> Result<Header, FrameError> {
-    // SAFETY: `peek` is `peek.len()` readable bytes.
-    unsafe { parse_raw(peek.as_ptr(), peek.len(), len) }
-}
-
-/// [`parse`] for a frame whose first `avail` bytes are at `p`, read in place: the forwarding
-/// path reads a sender's header straight from its buffer. Each byte is read once, so a
-/// guest changing it meanwhile only changes the answer, which the caller checks like any
-/// other.
-///
-/// # Safety
-/// `p..p + avail` must be readable for the duration of the call.
-pub unsafe fn parse_raw(p: *const u8, avail: usize, len: usize) -> Result<Header, FrameError> {
+    let avail = peek.len();
     if len < ETH_HLEN || avail < ETH_HLEN {
         return Err(FrameError::TooShort(len));
     }
     let mac = |o: usize| {
-        // SAFETY: every offset read is checked against `avail` first.
-        Mac(unsafe { p.add(o).cast::<[u8; 6]>().read_unaligned() })
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&peek[o..o + 6]);
+        Mac(m)
     };
-    let be16 = |o: usize| {
-        // SAFETY: as for `mac`.
-        u16::from_be_bytes(unsafe { p.add(o).cast::<[u8; 2]>().read_unaligned() })
-    };
+    let be16 = |o: usize| u16::from_be_bytes([peek[o], peek[o + 1]]);
     let tag = if be16(12) == TPID_8021Q {
         if len < ETH_HLEN + VLAN_HLEN || avail < ETH_HLEN + VLAN_HLEN {
             return Err(FrameError::TooShort(len));

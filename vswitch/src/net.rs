@@ -173,7 +173,6 @@ impl PortBackend {
 }
 
 /// A port worker's transmit batch, kept from batch to batch so forwarding does not allocate.
-#[derive(Default)]
 struct TxScratch {
     /// Every chain taken, for the used ring (malformed ones too).
     heads: Vec<u16>,
@@ -184,12 +183,32 @@ struct TxScratch {
     /// Well-formed frames, their bytes (after the virtio-net header) in `ranges`.
     frames: Vec<Frame>,
     ranges: Vec<HostRange>,
+    /// Each frame's first bytes, read once from the guest: what classification decided on
+    /// (MACs, tag) is what is forwarded, whatever the guest writes to its buffer
+    /// meanwhile. A frame's first range points here, so this must not move while a batch
+    /// is forwarded: boxed, and never resized.
+    heads_snapshot: Box<[[u8; PEEK_LEN]; TX_BATCH as usize]>,
     switch: Scratch,
 }
 
 // SAFETY: the host pointers in `raw` and `ranges` are only dereferenced during the
-// `process_tx` call that filled them, while it holds the memory view they point into.
+// `process_tx` call that filled them, while it holds the memory view they point into (or,
+// for the heads, the scratch itself).
 unsafe impl Send for TxScratch {}
+
+impl Default for TxScratch {
+    fn default() -> Self {
+        TxScratch {
+            heads: Vec::new(),
+            chains: Vec::new(),
+            raw: Vec::new(),
+            frames: Vec::new(),
+            ranges: Vec::new(),
+            heads_snapshot: Box::new([[0; PEEK_LEN]; TX_BATCH as usize]),
+            switch: Scratch::default(),
+        }
+    }
+}
 
 impl TxScratch {
     /// Take up to a batch of the `posted` chains from avail position `next` on, and check
@@ -290,28 +309,45 @@ impl TxScratch {
             }
             let frame_len = total - NET_HDR_LEN;
             let peek_len = PEEK_LEN.min(frame_len);
-            let parsed = match raw.first() {
-                // Usually the header and the frame's start share the first buffer: read
-                // them in place. Gathered into a buffer, they came back with loads that
-                // straddled the copy's stores and waited for them to retire.
-                Some(r) if r.len >= NET_HDR_LEN + peek_len => {
+            let Some(snapshot) = self.heads_snapshot.get_mut(self.frames.len()) else {
+                // More frames than a batch takes: cannot happen (`take` stops at TX_BATCH).
+                break;
+            };
+            // Every byte a decision depends on is read from the guest once, here, into our
+            // memory; the guest may rewrite its buffer at any time after.
+            let gso_type = match raw.first() {
+                // Usually the header and the frame's start share the first buffer: one
+                // fixed-size read.
+                Some(r) if r.len >= NET_HDR_LEN + PEEK_LEN => {
                     // SAFETY: `r` is a validated range of the sender's guest memory, held
-                    // by the caller, of at least NET_HDR_LEN + peek_len bytes.
+                    // by the caller, of at least NET_HDR_LEN + PEEK_LEN bytes; `snapshot`
+                    // is ours and PEEK_LEN long.
                     unsafe {
-                        let gso_type = r.ptr.add(1).read();
-                        let at = r.ptr.add(NET_HDR_LEN);
-                        (
-                            gso_type,
-                            frame::parse_raw(at, r.len - NET_HDR_LEN, frame_len),
-                        )
+                        std::ptr::copy_nonoverlapping(
+                            r.ptr.add(NET_HDR_LEN),
+                            snapshot.as_mut_ptr(),
+                            PEEK_LEN,
+                        );
+                        r.ptr.add(1).read()
                     }
                 }
                 _ => {
                     let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
                     let got = gather(raw, &mut head);
-                    (head[1], frame::parse(&head[NET_HDR_LEN..got], frame_len))
+                    snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
+                    if got < NET_HDR_LEN + peek_len {
+                        // `total` said otherwise: cannot happen.
+                        port_drop(
+                            port,
+                            &port.stats.drop_malformed,
+                            "chain shorter than it said",
+                        );
+                        continue;
+                    }
+                    head[1]
                 }
             };
+            let parsed = (gso_type, frame::parse(&snapshot[..peek_len], frame_len));
             let hdr = match parsed {
                 (0, Ok(h)) => h,
                 (0, Err(e)) => {
@@ -338,9 +374,14 @@ impl TxScratch {
                 port_drop(port, &port.stats.drop_mtu, "frame larger than the MTU");
                 continue;
             }
-            // The frame's own bytes: the chain's ranges minus the virtio-net header.
+            // The frame's bytes: the snapshot of its head, then the chain's ranges past the
+            // virtio-net header and the head.
             let first = self.ranges.len();
-            let mut skip = NET_HDR_LEN;
+            self.ranges.push(HostRange {
+                ptr: snapshot.as_mut_ptr(),
+                len: peek_len,
+            });
+            let mut skip = NET_HDR_LEN + peek_len;
             for r in raw {
                 if skip >= r.len {
                     skip -= r.len;

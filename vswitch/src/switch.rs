@@ -14,7 +14,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::VlanMode;
 use crate::copy::{self, HostRange, Piece};
 use crate::fdb::{Fdb, Learned};
-use crate::frame::{Header, Mac, ETH_HLEN, VLAN_HLEN};
+use crate::frame::{Header, Mac, ETH_HLEN, PEEK_LEN, VLAN_HLEN};
 use crate::net::NET_HDR_LEN;
 use crate::qos::PortQos;
 use crate::ring::Ring;
@@ -46,7 +46,9 @@ pub struct RxSide {
 }
 
 /// A frame taken from a transmit ring: its bytes (after the virtio-net header) are
-/// `ranges[start..end]` of its batch's range list, `len` in all.
+/// `ranges[start..end]` of its batch's range list, `len` in all. The first range is the
+/// switch's own copy of the frame's head, which `hdr` was parsed from; the others are the
+/// rest of the frame in the sender's memory.
 #[derive(Clone, Copy, Debug)]
 pub struct Frame {
     pub hdr: Header,
@@ -68,8 +70,10 @@ struct Out {
 /// Where one frame goes in a destination's receive ring.
 enum Plan {
     /// The usual case: a frame in one source buffer, leaving as it came, into one receive
-    /// buffer that holds it. The header and one copy, nothing to walk.
+    /// buffer that holds it. The header, the frame's head (the switch's snapshot of it,
+    /// PEEK_LEN bytes) and one copy of the rest, nothing to walk.
     Direct {
+        head: *const u8,
         src: *const u8,
         dst: *mut u8,
         len: usize,
@@ -599,11 +603,14 @@ impl Switch {
                 }
             }
             match (src, first) {
-                ([one], Some(first)) if egress == Egress::AsIs && first.len >= total => {
+                ([head, rest], Some(first))
+                    if egress == Egress::AsIs && first.len >= total && head.len == PEEK_LEN =>
+                {
                     s.plans.push(Plan::Direct {
-                        src: one.ptr.cast_const(),
+                        head: head.ptr.cast_const(),
+                        src: rest.ptr.cast_const(),
                         dst: first.ptr,
-                        len: one.len,
+                        len: rest.len,
                     });
                     s.dest.truncate(dest);
                 }
@@ -637,15 +644,22 @@ impl Switch {
         queue.set_next_avail(next.wrapping_add(taken));
         for plan in &s.plans {
             match plan {
-                &Plan::Direct { src, dst, len } => {
+                &Plan::Direct {
+                    head,
+                    src,
+                    dst,
+                    len,
+                } => {
                     let hdr = net_header(1);
-                    // SAFETY: `dst` is a receive buffer of at least NET_HDR_LEN + len bytes
-                    // validated against `view`, held here; `src` is `len` bytes of the
-                    // sender's validated memory, which its caller holds. `ptr::copy`
+                    // SAFETY: `dst` is a receive buffer of at least NET_HDR_LEN + PEEK_LEN +
+                    // len bytes validated against `view`, held here; `head` is the sender's
+                    // PEEK_LEN-byte snapshot, in the caller's scratch; `src` is `len` bytes
+                    // of the sender's validated memory, which its caller holds. `ptr::copy`
                     // tolerates a guest that made its TX and RX buffers overlap.
                     unsafe {
                         std::ptr::copy_nonoverlapping(hdr.as_ptr(), dst, NET_HDR_LEN);
-                        std::ptr::copy(src, dst.add(NET_HDR_LEN), len);
+                        std::ptr::copy_nonoverlapping(head, dst.add(NET_HDR_LEN), PEEK_LEN);
+                        std::ptr::copy(src, dst.add(NET_HDR_LEN + PEEK_LEN), len);
                     }
                 }
                 Plan::Pieces { pieces, dest } => {
