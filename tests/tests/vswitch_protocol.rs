@@ -493,8 +493,13 @@ impl Lab {
     /// Start the switch and connect a guest to each port, with `rx_posted[i]` receive
     /// buffers on port i.
     fn start(rx_posted: [u16; 4]) -> Lab {
+        Lab::with_switch("", rx_posted)
+    }
+
+    /// [`Lab::start`] with `extra` keys in the `[switch]` table.
+    fn with_switch(extra: &str, rx_posted: [u16; 4]) -> Lab {
         let defs: Vec<(&str, &str)> = PORTS.iter().map(|p| (p.name, p.keys)).collect();
-        let sw = Switch::start(&defs);
+        let sw = Switch::with_config(extra, &defs);
         let guests = PORTS
             .iter()
             .zip(LAYOUTS)
@@ -1040,6 +1045,67 @@ fn a_guest_racing_its_own_header_gets_out_only_what_was_checked() {
     );
     // Both forms went through (or the race was never run).
     assert!(at_a > 0 && at_c > 0, "a received {at_a}, c {at_c}");
+    lab.sw.stop();
+}
+
+/// A guest that sends from ever new source MACs fills the forwarding table; other ports'
+/// stations must still be learned (before, a full table refused every port), and its
+/// flood must not push them out.
+#[test]
+fn a_port_flooding_source_macs_does_not_crowd_out_the_others() {
+    let mut lab = Lab::with_switch("mac_table_size = 64", [64; 4]);
+    const FLOOD: u32 = 500;
+    let flood = |lab: &mut Lab, from: u32| {
+        for i in from..from + FLOOD {
+            let src = [0x02, 0xbb, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+            let f = eth(MAC_C, src, None, 60, 3);
+            lab.g("b").send(&f, Shape::Joined);
+            // Floods to a and c (MAC_C is unknown at first); keep their rings supplied.
+            if i % 32 == 31 {
+                for name in ["a", "c"] {
+                    let g = lab.g(name);
+                    let chains: usize = g.receive().iter().map(|r| r.chains).sum();
+                    g.post_rx(chains as u16);
+                }
+            }
+        }
+        for name in ["a", "c"] {
+            let g = lab.g(name);
+            let chains: usize = g.receive().iter().map(|r| r.chains).sum();
+            g.post_rx(chains as u16);
+        }
+    };
+    flood(&mut lab, 0);
+    // a speaks once in the full table: it is learned, so a frame for it reaches a alone.
+    let hello = eth(BROADCAST, MAC_A, None, 60, 4);
+    lab.g("a").send(&hello, Shape::Joined);
+    lab.expect_rx(
+        "a's broadcast",
+        &[("b", vec![hello.clone()]), ("c", vec![tagged(&hello, 10)])],
+    );
+    // b floods on; a's entry, seen less often than b's newest, must survive all the same.
+    flood(&mut lab, FLOOD);
+    let to_a = eth(MAC_A, MAC_B, None, 60, 5);
+    lab.g("b").send(&to_a, Shape::Joined);
+    lab.expect_rx("a frame for a", &[("a", vec![to_a])]);
+    let stats = lab.sw.stats();
+    assert_eq!(
+        counter(&stats["a"], "fdb_full"),
+        1,
+        "a learned into a full table"
+    );
+    assert!(counter(&stats["b"], "fdb_evicted") >= u64::from(2 * FLOOD - 64));
+    assert_eq!(counter(&stats["a"], "fdb_evicted"), 0, "a's entry kept");
+    let fdb = lab.sw.ctl_json(&["fdb"]);
+    let entries = fdb["fdb"].as_array().expect("ctl fdb: an fdb array");
+    assert!(
+        (60..=64).contains(&entries.len()),
+        "the table holds {} entries",
+        entries.len()
+    );
+    assert!(entries
+        .iter()
+        .any(|e| e["mac"] == "52:54:00:00:00:0a" && e["port"] == "a"));
     lab.sw.stop();
 }
 

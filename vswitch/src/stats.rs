@@ -1,5 +1,7 @@
 //! Per-port counters, named from the switch's side as OVS does: `rx` is what the port's
-//! guest sent into the switch, `tx` what the switch delivered to the guest.
+//! guest sent into the switch, `tx` what the switch delivered to the guest. `fdb_full`
+//! counts the addresses of this port's guest learned into a full table (each took another
+//! entry's place), `fdb_evicted` this port's entries that made that room.
 
 common::counters!(PortStats {
     rx_packets,
@@ -16,5 +18,6 @@ common::counters!(PortStats {
     drop_malformed,
     drop_mac_limit,
     fdb_full,
+    fdb_evicted,
     ring_errors,
 });

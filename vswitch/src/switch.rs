@@ -214,9 +214,10 @@ impl Switch {
     /// The learned addresses, for `vswitch ctl fdb`.
     pub fn fdb_entries(&self) -> Vec<(u16, Mac, usize, Duration)> {
         let now = Instant::now();
-        let mut fdb = self.fdb();
-        fdb.age(now);
-        fdb.entries(now)
+        // Sorted after the lock is released: the forwarding threads wait on it.
+        let mut entries = self.fdb().entries(now);
+        entries.sort_by_key(|&(vlan, mac, _, _)| (vlan, mac));
+        entries
     }
 
     /// A port's guest went away: forget its addresses and its receive ring.
@@ -295,8 +296,11 @@ impl Switch {
                             learned = Some((vlan, hdr.src));
                             looked_up = None;
                         }
-                        Learned::TableFull => {
+                        Learned::Evicted { victim } => {
+                            learned = Some((vlan, hdr.src));
+                            looked_up = None;
                             bump(&sp.stats.fdb_full, 1);
+                            bump(&self.ports[victim].stats.fdb_evicted, 1);
                         }
                         Learned::PortLimit => {
                             sp.count_drop(
