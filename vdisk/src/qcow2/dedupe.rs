@@ -165,9 +165,20 @@ impl Index {
     /// file and a rename, so that a reader sees a whole file or none). Not synced: losing
     /// it loses matches and totals only.
     pub fn save(&self, path: &Path, stats: &DedupeStats) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let tmp = side_tmp(path);
-        let f = std::fs::File::create(&tmp)?;
+        // A new file of our own: a leftover (or a planted symlink) is unlinked, never
+        // followed or truncated.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
         let mut head = Vec::with_capacity(SIDE_TABLE_OFFSET as usize);
         head.extend_from_slice(SIDE_MAGIC);
         head.extend_from_slice(&self.guest_bits.to_le_bytes());
@@ -208,17 +219,31 @@ impl Index {
         budget: u64,
         guest_clusters: u64,
     ) -> std::io::Result<Option<(Option<Index>, SideHeader)>> {
-        let mut f = match std::fs::File::open(path) {
-            Ok(f) => std::io::BufReader::new(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(file) = open_side(path)? else {
+            return Ok(None);
         };
+        let len = file.metadata()?.len();
+        let mut f = std::io::BufReader::new(file);
         let mut idx = Index::new(budget, guest_clusters);
         let Some(head) = read_side_header(&mut f)? else {
-            return Ok(None);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a dedupe index (bad magic)",
+            ));
         };
         if head.guest_bits != idx.guest_bits || head.slots != idx.slots.len() as u64 {
             return Ok(Some((None, head)));
+        }
+        // What save() writes, to the byte; the table is read into memory sized by our
+        // own budget, never by the file.
+        if len != SIDE_TABLE_OFFSET + idx.slots.len() as u64 * 4 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{len} bytes, not what an index of {} slots takes",
+                    head.slots
+                ),
+            ));
         }
         let mut pad = vec![0u8; SIDE_TABLE_OFFSET as usize - SIDE_HEADER_BYTES];
         let mut raw = vec![0u8; idx.slots.len() * 4];
@@ -278,8 +303,37 @@ fn read_side_header(f: &mut impl Read) -> std::io::Result<Option<SideHeader>> {
 
 /// The header of the index side file of `image`, if there is a readable one.
 pub fn side_header(image: &Path) -> Option<SideHeader> {
-    let mut f = std::fs::File::open(side_path(image)).ok()?;
+    let mut f = open_side(&side_path(image)).ok().flatten()?;
     read_side_header(&mut f).ok().flatten()
+}
+
+/// Open a side file for reading: `None` if there is none. It sits next to the image, where
+/// others may be able to write: a symlink is not followed, a FIFO does not block, and
+/// anything but a regular file is refused.
+fn open_side(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a symlink; not followed",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(Some(f))
 }
 
 /// Where the index of `image` is kept while the image is closed: `IMAGE.dedupe`.
@@ -539,7 +593,7 @@ impl Qcow2 {
             Ok(None) => (None, None),
             Err(e) => {
                 tracing::warn!(
-                    "{}: dedupe index unreadable ({e}); starting empty",
+                    "{}: dedupe index ignored ({e}); starting empty",
                     side_file.display()
                 );
                 (None, None)
@@ -1018,8 +1072,9 @@ mod tests {
             .expect("load")
             .expect("a file");
         assert!(other.is_none(), "another geometry");
+        // Corrupt: an error, which the caller logs before starting with an empty index.
         std::fs::write(&p, b"short").expect("write");
-        assert!(Index::load(&p, 1 << 12, 1000).expect("load").is_none());
+        assert!(Index::load(&p, 1 << 12, 1000).is_err());
     }
 
     #[test]
@@ -1059,5 +1114,54 @@ mod tests {
         assert!(!d.shared.contains_key(&5));
         d.drop_ref(4, 9);
         assert_eq!(d.relocations, vec![(12, 5), (3, 9)]);
+    }
+
+    /// The side file sits next to the image, where others may write: what they plant
+    /// there is neither followed nor blocked on, and a planted temporary file is never
+    /// written through.
+    #[test]
+    fn planted_side_files_are_refused_not_followed() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("x.dedupe");
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"keep me").expect("write victim");
+        let idx = Index::new(1 << 12, 1000);
+        let stats = DedupeStats::default();
+
+        // A symlink where the temporary file goes: unlinked, the victim untouched.
+        symlink(&victim, side_tmp(&p)).expect("symlink tmp");
+        idx.save(&p, &stats).expect("save");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"keep me");
+        assert!(std::fs::symlink_metadata(&p)
+            .expect("saved")
+            .file_type()
+            .is_file());
+
+        // A symlink to a valid index: not followed.
+        let real = d.path().join("real.dedupe");
+        std::fs::rename(&p, &real).expect("rename");
+        symlink(&real, &p).expect("symlink");
+        assert!(Index::load(&p, 1 << 12, 1000).is_err());
+        assert!(side_header(&p.with_extension("")).is_none());
+        std::fs::remove_file(&p).expect("rm");
+
+        // A FIFO with no writer: refused at once, not waited on.
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(Index::load(&p, 1 << 12, 1000).is_err());
+        std::fs::remove_file(&p).expect("rm");
+
+        // A truncated or padded index: refused as a whole.
+        idx.save(&p, &stats).expect("save");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .expect("open");
+        f.set_len(SIDE_TABLE_OFFSET + 8).expect("truncate");
+        assert!(Index::load(&p, 1 << 12, 1000).is_err());
+        std::fs::write(&p, b"garbage, not an index").expect("write");
+        assert!(Index::load(&p, 1 << 12, 1000).is_err());
     }
 }
