@@ -147,6 +147,15 @@ impl Model {
         self.blocks.keys().copied().collect()
     }
 
+    /// Each block's latest write, for a moment when every write issued has completed:
+    /// what a snapshot taken then must hold.
+    pub fn current(&self) -> Vec<(u64, u64)> {
+        self.blocks
+            .iter()
+            .map(|(&o, b)| (o, b.since_flush.last().copied().unwrap_or(b.durable)))
+            .collect()
+    }
+
     /// Check what the block at `offset` holds after a restart, and take it as the new
     /// baseline. The error names the block and what was wrong.
     pub fn verify(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {

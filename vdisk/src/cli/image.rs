@@ -403,6 +403,12 @@ fn check(a: &CheckArgs) -> Result<ExitCode, Qcow2Error> {
     if report.leaks > 0 && !a.repair {
         println!("leaked clusters waste space only; `--repair` frees them");
     }
+    if report.copied_errors > report.copied_shared && !a.repair {
+        println!(
+            "stale COPIED flags on unshared clusters (a crash between a refcount and a flag \
+             update leaves them) are harmless; `--repair` fixes them"
+        );
+    }
     img.close()?;
     if report.corruptions_remaining() {
         println!("corruption remains");

@@ -22,6 +22,11 @@ pub struct CheckReport {
     pub refcount_errors: u64,
     /// COPIED flags of the active tree that disagree with the refcount.
     pub copied_errors: u64,
+    /// Of those, COPIED flags on clusters that more than one path reaches: a write there
+    /// would go in place and change what a snapshot or another entry reads. Dangerous.
+    /// (A flag on a cluster whose refcount is only over-counted, as a crash between a
+    /// refcount update and the flag's can leave, is wrong but harmless.)
+    pub copied_shared: u64,
     /// Structural problems (entries past EOF, unaligned, overlapping metadata...).
     pub corruptions: Vec<String>,
     /// Problems fixed by the repair.
@@ -40,11 +45,12 @@ impl CheckReport {
 
     pub fn summary(&self) -> String {
         format!(
-            "{} leaked clusters, {} refcount errors, {} COPIED flag errors, {} corruptions, \
-             {} fixed, {} unrepaired",
+            "{} leaked clusters, {} refcount errors, {} COPIED flag errors ({} on shared \
+             clusters), {} corruptions, {} fixed, {} unrepaired",
             self.leaks,
             self.refcount_errors,
             self.copied_errors,
+            self.copied_shared,
             self.corruptions.len(),
             self.fixed,
             self.unrepaired
@@ -295,7 +301,7 @@ impl Qcow2 {
         progress(total, total);
 
         // COPIED flags of the active tree, against the (repaired) refcounts.
-        report.copied_errors = self.count_copied_errors()?;
+        (report.copied_errors, report.copied_shared) = self.count_copied_errors(&t.counts)?;
         if repair {
             self.rc.writeback(&mut self.io)?;
             self.io.sync()?;
@@ -309,14 +315,20 @@ impl Qcow2 {
                 self.io.sync()?;
             }
         } else {
-            report.unrepaired += report.copied_errors;
+            // A stale flag on a cluster only one path reaches is as harmless as a leak
+            // (a write there copies needlessly, or goes in place where only it reads);
+            // one on a shared cluster is corruption.
+            report.unrepaired += report.copied_shared;
         }
         report.corruptions = t.corruptions;
         Ok(report)
     }
 
-    fn count_copied_errors(&mut self) -> Result<u64> {
-        let mut errors = 0;
+    /// (flags that disagree with the stored refcount, flags set where `counts`, the
+    /// references found, says more than one path reaches the cluster).
+    fn count_copied_errors(&mut self, counts: &[u16]) -> Result<(u64, u64)> {
+        let (mut errors, mut shared) = (0, 0);
+        let reached = |c: u64| counts.get(c as usize).copied().unwrap_or(0);
         for i in 0..self.l1.len() {
             let l1e = self.l1[i];
             let l2_off = l1e & OFFSET_MASK;
@@ -326,6 +338,9 @@ impl Qcow2 {
             let rc = self.rc.get(&mut self.io, l2_off >> self.cluster_bits)?;
             if (l1e & COPIED != 0) != (rc == 1) {
                 errors += 1;
+            }
+            if l1e & COPIED != 0 && reached(l2_off >> self.cluster_bits) > 1 {
+                shared += 1;
             }
             let table = self.l2_table_copy(l2_off)?;
             for e in table {
@@ -337,8 +352,11 @@ impl Qcow2 {
                 if (e & COPIED != 0) != (rc == 1) {
                     errors += 1;
                 }
+                if e & COPIED != 0 && reached(host >> self.cluster_bits) > 1 {
+                    shared += 1;
+                }
             }
         }
-        Ok(errors)
+        Ok((errors, shared))
     }
 }

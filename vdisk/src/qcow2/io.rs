@@ -18,6 +18,18 @@ pub struct ImageFile {
     /// fdatasync calls made, for tests of the write ordering.
     syncs: u64,
     punch_supported: bool,
+    /// Tests of crash consistency record every change made to the file here.
+    #[cfg(test)]
+    pub(crate) journal: Option<Vec<Journaled>>,
+}
+
+/// One change to the image file, as the crash simulator of the tests replays it.
+#[cfg(test)]
+#[derive(Clone, Debug)]
+pub(crate) enum Journaled {
+    Write { offset: u64, data: Vec<u8> },
+    Punch { offset: u64, len: u64 },
+    Sync,
 }
 
 impl ImageFile {
@@ -32,6 +44,8 @@ impl ImageFile {
             len,
             syncs: 0,
             punch_supported: true,
+            #[cfg(test)]
+            journal: None,
         })
     }
 
@@ -88,6 +102,13 @@ impl ImageFile {
     }
 
     pub fn write(&mut self, offset: u64, buf: &[u8], what: &str) -> Result<()> {
+        #[cfg(test)]
+        if let Some(j) = &mut self.journal {
+            j.push(Journaled::Write {
+                offset,
+                data: buf.to_vec(),
+            });
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| io_err(&self.path, &format!("write {what} at {offset:#x}"), e))?;
@@ -102,6 +123,10 @@ impl ImageFile {
 
     pub fn sync(&mut self) -> Result<()> {
         self.syncs += 1;
+        #[cfg(test)]
+        if let Some(j) = &mut self.journal {
+            j.push(Journaled::Sync);
+        }
         self.file
             .sync_data()
             .map_err(|e| io_err(&self.path, "fdatasync", e))
@@ -112,6 +137,10 @@ impl ImageFile {
     pub fn punch_hole(&mut self, offset: u64, len: u64) {
         if !self.punch_supported || offset >= self.len {
             return;
+        }
+        #[cfg(test)]
+        if let Some(j) = &mut self.journal {
+            j.push(Journaled::Punch { offset, len });
         }
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;

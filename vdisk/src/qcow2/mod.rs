@@ -959,4 +959,6 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod tests;

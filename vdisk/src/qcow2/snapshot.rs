@@ -357,6 +357,14 @@ impl Qcow2 {
         }
         self.flush()?;
         let l1 = self.l1.clone();
+        // The order on disk, so that a crash anywhere leaves the snapshot absent or whole:
+        // 1. every refcount the snapshot adds (a crash after: leaks only);
+        // 2. the active tree's COPIED flags cleared (it shares everything from now on;
+        //    after: still leaks only), so no later write goes in place into a cluster
+        //    the snapshot will reach;
+        // 3. the snapshot table and the header that points to it.
+        // Before, 3 came before 2: a crash between them left COPIED flags that let writes
+        // after the restart overwrite the snapshot's data.
         self.adjust_tree(&l1, 1, &mut |_, _| {})?;
         // The snapshot's own copy of the L1 table (COPIED means nothing there).
         let n = self.clusters_for(l1.len() as u64 * 8);
@@ -390,8 +398,11 @@ impl Qcow2 {
             disk_size: self.header.size,
             extra_rest: Vec::new(),
         });
-        self.write_snapshot_table(snaps)?;
+        self.rc.writeback(&mut self.io)?;
+        self.io.sync()?;
         self.fix_copied()?;
+        self.flush()?;
+        self.write_snapshot_table(snaps)?;
         self.flush()
     }
 
@@ -412,6 +423,10 @@ impl Qcow2 {
                 freed.push(c);
             }
         }
+        // Refcounts down on disk before any COPIED flag goes up: a flag may only ever be
+        // set on disk where the refcount there is 1.
+        self.rc.writeback(&mut self.io)?;
+        self.io.sync()?;
         self.release(&freed);
         self.fix_copied()?;
         self.flush()
@@ -460,6 +475,9 @@ impl Qcow2 {
                 }
             }
         }
+        // As in delete: refcounts down on disk before COPIED flags go up.
+        self.rc.writeback(&mut self.io)?;
+        self.io.sync()?;
         self.release(&freed);
         self.fix_copied()?;
         self.rebuild_dedupe()?;
