@@ -385,6 +385,97 @@ impl BlkQueue<'_> {
         Ok(())
     }
 
+    /// Submit `ops` together (one `do_io` for all of them, so the device sees them in one
+    /// batch, in flight at once) and wait for every one. Returns each op's result, with
+    /// the data of reads. Each read or write must fit in the queue's buffer share
+    /// (`Options::region_len` / queues) divided by `ops.len()`.
+    pub fn batch(&mut self, ops: &[BatchOp]) -> Vec<IoResult<Vec<u8>>> {
+        let slot = self.buf.len() / ops.len().max(1);
+        let base = self.buf.as_mut_ptr();
+        let mut iovs = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let at = i * slot;
+            let iov = |len: usize| blkio::iovec {
+                // SAFETY: `at` is below `buf.len()` (one slot per op), and the iovec lives
+                // in `iovs` until every completion is in; the asserts below keep `len`
+                // within the slot.
+                iov_base: unsafe { base.add(at) }.cast(),
+                iov_len: len,
+            };
+            match op {
+                BatchOp::Read { offset, len } => {
+                    assert!(*len <= slot, "a {len}-byte read in a {slot}-byte slot");
+                    iovs.push(iov(*len));
+                    self.q.readv(*offset, &iovs[i], 1, i, ReqFlags::empty());
+                }
+                BatchOp::Write { offset, data } => {
+                    assert!(
+                        data.len() <= slot,
+                        "a {}-byte write in a {slot}-byte slot",
+                        data.len()
+                    );
+                    self.buf[at..at + data.len()].copy_from_slice(data);
+                    iovs.push(iov(data.len()));
+                    self.q.writev(*offset, &iovs[i], 1, i, ReqFlags::empty());
+                }
+                BatchOp::Discard { offset, len } => {
+                    iovs.push(iov(0));
+                    self.q.discard(*offset, *len, i, ReqFlags::empty());
+                }
+                BatchOp::Flush => {
+                    iovs.push(iov(0));
+                    self.q.flush(i, ReqFlags::empty());
+                }
+            }
+        }
+        let mut results: Vec<Option<IoResult<Vec<u8>>>> = (0..ops.len()).map(|_| None).collect();
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..ops.len()).map(|_| MaybeUninit::uninit()).collect();
+        let mut left = ops.len();
+        while left > 0 {
+            let mut timeout = self.io_timeout;
+            let n = match self.q.do_io(&mut completions, 1, Some(&mut timeout), None) {
+                Ok(n) => n,
+                Err(e) => {
+                    let err = IoError::from_blkio(&e);
+                    for r in results.iter_mut().filter(|r| r.is_none()) {
+                        *r = Some(Err(err.clone()));
+                    }
+                    break;
+                }
+            };
+            for c in &completions[..n] {
+                // SAFETY: do_io initialised the first `n` completions.
+                let c = unsafe { c.assume_init_read() };
+                let i = c.user_data;
+                let r = if c.ret == 0 {
+                    Ok(match &ops[i] {
+                        BatchOp::Read { len, .. } => self.buf[i * slot..i * slot + len].to_vec(),
+                        _ => Vec::new(),
+                    })
+                } else {
+                    Err(IoError {
+                        errno: -c.ret,
+                        message: "request failed".into(),
+                    })
+                };
+                results[i] = Some(r);
+            }
+            left -= n;
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(IoError {
+                        errno: libc::ETIME,
+                        message: "no completion".into(),
+                    })
+                })
+            })
+            .collect()
+    }
+
     /// VIRTIO_BLK_T_FLUSH.
     pub fn flush(&mut self) -> IoResult<()> {
         self.q.flush(0, ReqFlags::empty());
@@ -438,6 +529,15 @@ fn ranges(offset: u64, len: u64, step: u64) -> Vec<(u64, u64)> {
             return out;
         }
     }
+}
+
+/// One request of [`BlkQueue::batch`].
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, data: Vec<u8> },
+    Discard { offset: u64, len: u64 },
+    Flush,
 }
 
 /// Which vhost-user-blk backend [`serve`] starts.

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use crate::device::Device;
 use crate::engine::{Completion, Engine, Op};
 use crate::image::Format;
-use crate::qcow2::Qcow2;
+use crate::qcow2::{Qcow2, ReadPins};
 use crate::request::{self, Kind, Range, Rejected, Request, Scratch, ID_BYTES};
 use crate::translate::{self, FileRead};
 use common::counters::bump;
@@ -36,6 +36,8 @@ struct InFlight {
     /// indexes them) and their iovecs, slices of `iovecs`.
     reads: Vec<FileRead>,
     split: Vec<libc::iovec>,
+    /// qcow2 reads: their clusters, kept from reuse until the slot is done with them.
+    pins: Option<ReadPins>,
     /// Keeps the guest mapping the iovecs point into alive until the I/O is done, even
     /// if the frontend replaces the memory table meanwhile.
     mem: Arc<Mem>,
@@ -392,6 +394,7 @@ impl QueueWorker {
             iovecs,
             reads: Vec::new(),
             split: Vec::new(),
+            pins: None,
             mem: mem.clone(),
         });
         if let Format::Qcow2(image) = &dev.format {
@@ -485,6 +488,7 @@ impl QueueWorker {
                 &slot.iovecs,
                 &mut slot.split,
                 &mut slot.reads,
+                &mut slot.pins,
             ),
             Kind::Write { offset, .. } => translate::write(image, *offset, &slot.iovecs, dsync),
             Kind::Flush => translate::flush(image),

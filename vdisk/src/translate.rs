@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::qcow2::{ExtentKind, Qcow2, Qcow2Error};
+use crate::qcow2::{ExtentKind, Qcow2, Qcow2Error, ReadPins};
 use crate::request;
 
 /// A read the engine does: `len` bytes at `host_offset` of the file into `iovecs[iov]`.
@@ -130,13 +130,15 @@ pub fn shutdown(q: &Mutex<Qcow2>) -> Result<(), TranslateError> {
 }
 
 /// Map a read of `iovecs` at guest `offset`: zero and unallocated extents are filled now;
-/// data extents are returned as file reads over `split` (which receives their iovecs).
+/// data extents are returned as file reads over `split` (which receives their iovecs),
+/// their clusters pinned in `pins` until it drops, after the reads.
 pub fn plan_read(
     q: &Mutex<Qcow2>,
     offset: u64,
     iovecs: &[libc::iovec],
     split: &mut Vec<libc::iovec>,
     reads: &mut Vec<FileRead>,
+    pins: &mut Option<ReadPins>,
 ) -> Result<(), TranslateError> {
     let total: usize = iovecs.iter().map(|v| v.iov_len).sum();
     let mut image = lock(q);
@@ -147,6 +149,7 @@ pub fn plan_read(
         let n = ext.len as usize;
         match ext.kind {
             ExtentKind::Data { host_offset, .. } => {
+                image.pin_read(host_offset, ext.len, pins);
                 let first = split.len();
                 slice_iovecs(iovecs, done, n, split);
                 reads.push(FileRead {
@@ -276,8 +279,8 @@ mod tests {
     /// Reads through plan_read + the file reads it returns, as the engine would do them.
     fn read(q: &Mutex<Qcow2>, offset: u64, bufs: &mut [Vec<u8>]) {
         let iovecs: Vec<libc::iovec> = bufs.iter_mut().map(|b| iov(b)).collect();
-        let (mut split, mut reads) = (Vec::new(), Vec::new());
-        plan_read(q, offset, &iovecs, &mut split, &mut reads).expect("plan");
+        let (mut split, mut reads, mut pins) = (Vec::new(), Vec::new(), None);
+        plan_read(q, offset, &iovecs, &mut split, &mut reads, &mut pins).expect("plan");
         let fd = lock(q).file().as_raw_fd();
         for r in &reads {
             assert_eq!(finish_short_read(fd, r, &split, 0), 0);

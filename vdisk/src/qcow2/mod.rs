@@ -53,6 +53,7 @@ mod error;
 mod header;
 mod io;
 mod map;
+mod pins;
 mod refcount;
 mod snapshot;
 
@@ -67,6 +68,7 @@ pub use self::dedupe::{side_header, side_path, DedupeStats, SideHeader, DEFAULT_
 pub use self::error::{Qcow2Error, Result};
 pub use self::header::{Header, MAGIC};
 pub use self::map::{Extent, ExtentKind};
+pub use self::pins::ReadPins;
 pub use self::snapshot::Snapshot;
 
 use self::cache::MetaCache;
@@ -878,6 +880,8 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        // Clusters freed while a read held them, whose reads are done since.
+        self.release(&[]);
         self.rc.writeback(&mut self.io)?;
         self.io.sync()?;
         let dirty = self.l2_cache.dirty_offsets();
@@ -911,12 +915,33 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Clusters whose refcount reached zero: drop stale cached tables, punch holes.
+    /// Clusters whose refcount reached zero: drop stale cached tables, punch holes (not
+    /// yet in those a planned read still reads: see `pins`).
     fn release(&mut self, freed: &[u64]) {
         for &c in freed {
-            let off = c << self.cluster_bits;
-            self.l2_cache.remove(off);
-            self.io.punch_hole(off, self.cluster_size);
+            self.l2_cache.remove(c << self.cluster_bits);
+        }
+        let mut now = self.rc.pins.release(freed);
+        now.extend(self.rc.pins.take_unpinned_frees());
+        for c in now {
+            self.io
+                .punch_hole(c << self.cluster_bits, self.cluster_size);
+        }
+    }
+
+    /// Pin the clusters of the file range `host_offset..+len`, which a read mapped and is
+    /// about to read, until `pins` drops (see `pins`).
+    pub fn pin_read(&self, host_offset: u64, len: u64, pins: &mut Option<ReadPins>) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (
+            host_offset >> self.cluster_bits,
+            (host_offset + len - 1) >> self.cluster_bits,
+        );
+        match pins {
+            Some(p) => p.add(first..=last),
+            None => *pins = Some(self.rc.pins.pin(first..=last)),
         }
     }
 

@@ -12,9 +12,12 @@
 //! that dropped the reference is durable; until then the cluster keeps its refcount, so the
 //! allocator cannot hand it out again.
 
+use std::sync::Arc;
+
 use super::cache::MetaCache;
 use super::error::Result;
 use super::io::ImageFile;
+use super::pins::Pins;
 
 /// QEMU's own limit on the refcount table.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -34,6 +37,8 @@ pub struct Refcounts {
     new_entries: Vec<u64>,
     pub allocated_clusters: u64,
     pub freed_clusters: u64,
+    /// Free clusters that reads still read: not to be handed out (see `pins`).
+    pub pins: Arc<Pins>,
 }
 
 impl Refcounts {
@@ -98,6 +103,7 @@ impl Refcounts {
             new_entries: Vec::new(),
             allocated_clusters: 0,
             freed_clusters: 0,
+            pins: Arc::new(Pins::default()),
         })
     }
 
@@ -372,7 +378,7 @@ impl Refcounts {
                 )));
             }
             self.ensure_covered(io, c)?;
-            if self.get(io, c)? == 0 {
+            if self.get(io, c)? == 0 && !self.pins.blocks(c) {
                 if run == 0 {
                     start = c;
                 }
