@@ -1596,6 +1596,31 @@ fn assert_serve_refused(image: &Path, needles: &[&str], what: &str) {
     );
 }
 
+/// Turn a fresh qemu-img qcow2 image into what a LUKS-encrypted one declares: crypt_method
+/// 2 (LUKS) at byte 32 and a crypto header extension (0x0537be77: offset and length of the
+/// LUKS header; vdisk refuses before reading it) before the other extensions.
+fn make_luks_header(image: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .expect("open");
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).expect("read header");
+    head[32..36].copy_from_slice(&2u32.to_be_bytes());
+    let header_len = u32::from_be_bytes(head[100..104].try_into().expect("4 bytes")) as usize;
+    let cluster = 1u64 << u32::from_be_bytes(head[20..24].try_into().expect("4 bytes"));
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x0537_be77u32.to_be_bytes());
+    ext.extend_from_slice(&16u32.to_be_bytes());
+    ext.extend_from_slice(&cluster.to_be_bytes());
+    ext.extend_from_slice(&cluster.to_be_bytes());
+    head.splice(header_len..header_len, ext);
+    head.truncate(4096);
+    f.write_all_at(&head, 0).expect("write header");
+}
+
 #[test]
 fn unsupported_images_are_refused_at_start() {
     if !tools() {
@@ -1625,26 +1650,13 @@ fn unsupported_images_are_refused_at_start() {
     );
     assert_serve_refused(&unknown, &["incompatible feature bit 60"], "unknown bit");
 
+    // A LUKS-encrypted image's header, written here: `qemu-img create -o
+    // encrypt.format=luks` benchmarks PBKDF2 whatever encrypt.iter-time says, and QEMU
+    // 7.2's benchmark fails about one run in three on these machines ("Unable to get
+    // accurate CPU usage", fixed upstream in 2025), which is no fault of ours.
     let enc = d("luks.qcow2");
-    let out = run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=sec0,data=x",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            s(&enc),
-            "1M",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        describe("qemu-img create luks", &out)
-    );
+    ok("qemu-img", &["create", "-f", "qcow2", s(&enc), "1M"]);
+    make_luks_header(&enc);
     assert_serve_refused(&enc, &["encryption"], "LUKS-encrypted image");
 
     let v2 = d("v2.qcow2");
