@@ -13,7 +13,9 @@
 //! - thin accounting: allocated size and the allocation counters follow writes and
 //!   discards;
 //! - unsupported images are refused at start, and compressed clusters fail at access with
-//!   an I/O error rather than garbage.
+//!   an I/O error rather than garbage;
+//! - backing files: a qcow2 header a guest writes into a raw disk never makes vdisk read a
+//!   host file, and backing files must be regular files inside the allowed directories.
 //!
 //! `E2E_SEED=N` replays the random parts (the seed is printed).
 
@@ -686,7 +688,7 @@ fn readonly_qcow2_export_changes_nothing() {
         std::fs::read(&overlay).expect("read overlay"),
     );
 
-    let daemon = serve(&overlay, &socket, &["--readonly"]);
+    let daemon = serve(&overlay, &socket, &["--readonly", "--format", "qcow2"]);
     let mut blk = Blk::connect(
         &socket,
         &Options {
@@ -947,7 +949,7 @@ fn two_level_backing_chain() {
         "{info}"
     );
 
-    let daemon = serve(&top, &socket, &[]);
+    let daemon = serve(&top, &socket, &["--format", "qcow2"]);
     let mut blk = connect(&socket, 1);
     assert_device(&mut blk, &model, "the chain through the top");
     let cluster = 64 * KIB;
@@ -1151,7 +1153,7 @@ fn linked_clones_read_the_base_and_write_the_overlay() {
                 dir.path(),
                 "relative backing paths must not resolve by accident"
             );
-            let daemon = serve(&overlay, &socket, &[]);
+            let daemon = serve(&overlay, &socket, &["--format", "qcow2"]);
             let mut blk = connect(&socket, 1);
             assert_device(
                 &mut blk,
@@ -1548,12 +1550,13 @@ fn allocation_follows_writes_and_discards() {
 // ---------------------------------------------------------------------------------------
 // 6. Unsupported and hostile images.
 
-/// `vdisk serve` must refuse `image`: a non-zero exit, the reason (each of `needles`, one
-/// at least) on stderr, and no socket ever appearing.
-fn assert_serve_refused(image: &Path, needles: &[&str], what: &str) {
+/// `vdisk serve --image IMAGE EXTRA...` must refuse `image`: a non-zero exit within 20 s,
+/// the reason (one of `needles` at least) on stderr, and no socket ever appearing.
+fn assert_serve_refused(image: &Path, extra: &[&str], needles: &[&str], what: &str) {
     let socket = image.with_extension("sock");
     let mut child = Command::new(e2e::bin("vdisk"))
         .args(["serve", "--image", s(image), "--socket", s(&socket)])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1648,7 +1651,12 @@ fn unsupported_images_are_refused_at_start() {
         !out.status.success(),
         "qemu-img accepts the unknown bit too?"
     );
-    assert_serve_refused(&unknown, &["incompatible feature bit 60"], "unknown bit");
+    assert_serve_refused(
+        &unknown,
+        &[],
+        &["incompatible feature bit 60"],
+        "unknown bit",
+    );
 
     // A LUKS-encrypted image's header, written here: `qemu-img create -o
     // encrypt.format=luks` benchmarks PBKDF2 whatever encrypt.iter-time says, and QEMU
@@ -1657,14 +1665,14 @@ fn unsupported_images_are_refused_at_start() {
     let enc = d("luks.qcow2");
     ok("qemu-img", &["create", "-f", "qcow2", s(&enc), "1M"]);
     make_luks_header(&enc);
-    assert_serve_refused(&enc, &["encryption"], "LUKS-encrypted image");
+    assert_serve_refused(&enc, &[], &["encryption"], "LUKS-encrypted image");
 
     let v2 = d("v2.qcow2");
     ok(
         "qemu-img",
         &["create", "-f", "qcow2", "-o", "compat=0.10", s(&v2), "1M"],
     );
-    assert_serve_refused(&v2, &["version 2"], "qcow2 version 2");
+    assert_serve_refused(&v2, &[], &["version 2"], "qcow2 version 2");
 
     let rc8 = d("refcount8.qcow2");
     ok(
@@ -1679,7 +1687,7 @@ fn unsupported_images_are_refused_at_start() {
             "1M",
         ],
     );
-    assert_serve_refused(&rc8, &["refcount_order 3"], "8-bit refcounts");
+    assert_serve_refused(&rc8, &[], &["refcount_order 3"], "8-bit refcounts");
 
     let ext = d("external.qcow2");
     ok(
@@ -1694,7 +1702,7 @@ fn unsupported_images_are_refused_at_start() {
             "1M",
         ],
     );
-    assert_serve_refused(&ext, &["external data file"], "external data file");
+    assert_serve_refused(&ext, &[], &["external data file"], "external data file");
 
     // A backing file that does not exist.
     let orphan = d("orphan.qcow2");
@@ -1713,7 +1721,176 @@ fn unsupported_images_are_refused_at_start() {
             "1M",
         ],
     );
-    assert_serve_refused(&orphan, &["missing.raw"], "missing backing file");
+    assert_serve_refused(
+        &orphan,
+        &["--format", "qcow2"],
+        &["missing.raw"],
+        "missing backing file",
+    );
+}
+
+fn mkfifo(path: &Path) {
+    ok("mkfifo", &[s(path)]);
+}
+
+/// `qemu-img create -f qcow2 -u -b NAME -F raw IMAGE SIZE`: qemu-img writes the name as
+/// given without opening it, as a hostile header would.
+fn overlay_naming(image: &Path, name: &str, size: u64) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            s(image),
+            &size.to_string(),
+        ],
+    );
+}
+
+/// The attack: a guest given a raw disk writes into it a qcow2 header whose backing file
+/// is a host file outside the image's directory (a secret the test made; /etc/shadow in
+/// the wild), then waits for a restart. With the default options (`--format auto`) vdisk
+/// refuses to serve it and says to pin the format; pinned qcow2 it refuses the backing
+/// file as outside the allowed directories; pinned raw it serves the guest's own bytes.
+/// The secret is never read by a client. A header naming a FIFO shows that the probed
+/// refusal comes before any open: opening a FIFO that has no writer blocks.
+#[test]
+fn a_guest_written_qcow2_header_does_not_reach_host_files() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = dir.path().join("vm");
+    std::fs::create_dir(&vm).expect("mkdir");
+    let size = 4 * MIB;
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5e; size as usize]).expect("write the secret");
+    mkfifo(&vm.join("pipe"));
+
+    for (name, pinned_needle) in [(s(&secret), "outside"), ("pipe", "a FIFO")] {
+        let what = format!("a guest-written header naming {name}");
+        let disk = vm.join("disk.raw");
+        let _ = std::fs::remove_file(&disk);
+        std::fs::write(&disk, vec![0u8; size as usize]).expect("write the disk");
+        let hostile = dir.path().join("hostile.qcow2");
+        let _ = std::fs::remove_file(&hostile);
+        overlay_naming(&hostile, name, size);
+        let mut header = std::fs::read(&hostile).expect("read the hostile image");
+        header.resize(header.len().next_multiple_of(SECTOR as usize), 0);
+
+        // The guest writes the header through the device, then the daemon restarts.
+        let socket = vm.join("vdisk.sock");
+        let daemon = serve(&disk, &socket, &[]);
+        let mut blk = connect(&socket, 1);
+        blk.write(0, &header)
+            .expect("the guest writes a qcow2 header");
+        blk.flush().expect("flush");
+        drop(blk);
+        stop(daemon);
+
+        assert_serve_refused(&disk, &[], &["--format qcow2"], &format!("{what}, probed"));
+        assert_serve_refused(
+            &disk,
+            &["--format", "qcow2"],
+            &[pinned_needle],
+            &format!("{what}, pinned qcow2"),
+        );
+        let daemon = serve(&disk, &socket, &["--format", "raw"]);
+        let mut blk = connect(&socket, 1);
+        let mut model = header.clone();
+        model.resize(size as usize, 0);
+        assert_device(&mut blk, &model, &format!("{what}, pinned raw"));
+        drop(blk);
+        stop(daemon);
+    }
+}
+
+/// Backing files named by qcow2 images served with `--format qcow2`: a name reaching
+/// outside the image's directory (`..`, absolute, a symlink) is refused, so are a FIFO
+/// (without blocking) and a device (even inside an allowed directory); a relative name in
+/// the same directory serves, and so does a base in a directory allowed with
+/// `--backing-dir`, named absolutely or relatively; `vdisk image info` follows the same
+/// rule.
+#[test]
+fn backing_files_are_confined_to_allowed_directories() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = dir.path().join("vm");
+    let golden = dir.path().join("golden");
+    std::fs::create_dir(&vm).expect("mkdir");
+    std::fs::create_dir(&golden).expect("mkdir");
+    let size = 2 * MIB;
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5e; size as usize]).expect("write the secret");
+    std::os::unix::fs::symlink(&secret, vm.join("link.raw")).expect("symlink");
+    mkfifo(&vm.join("pipe.raw"));
+    let d = |n: &str| vm.join(n);
+
+    for (n, name, extra, needle) in [
+        ("dotdot", "../secret.raw", &[][..], "outside"),
+        ("absolute", s(&secret), &[][..], "outside"),
+        ("symlink", "link.raw", &[][..], "outside"),
+        ("fifo", "pipe.raw", &[][..], "a FIFO"),
+        ("zero", "/dev/zero", &[][..], "outside"),
+        (
+            "zero-allowed",
+            "/dev/zero",
+            &["--backing-dir", "/dev"][..],
+            "a character device",
+        ),
+    ] {
+        let image = d(&format!("{n}.qcow2"));
+        overlay_naming(&image, name, size);
+        let mut args = vec!["--format", "qcow2"];
+        args.extend_from_slice(extra);
+        assert_serve_refused(&image, &args, &[needle], &format!("backing file {name}"));
+    }
+
+    let mut rng = SmallRng::seed_from_u64(seed());
+    let content = random_bytes(&mut rng, size as usize);
+    std::fs::write(d("base.raw"), &content).expect("write base");
+    std::fs::write(golden.join("gold.raw"), &content).expect("write gold");
+    let gold = golden.join("gold.raw");
+    for (n, name, extra) in [
+        ("same-dir", "base.raw", &[][..]),
+        ("golden-abs", s(&gold), &["--backing-dir", s(&golden)][..]),
+        (
+            "golden-rel",
+            "../golden/gold.raw",
+            &["--backing-dir", s(&golden)][..],
+        ),
+    ] {
+        let image = d(&format!("{n}.qcow2"));
+        overlay_naming(&image, name, size);
+        let socket = d(&format!("{n}.sock"));
+        let mut args = vec!["--format", "qcow2"];
+        args.extend_from_slice(extra);
+        let daemon = serve(&image, &socket, &args);
+        let mut blk = connect(&socket, 1);
+        assert_device(&mut blk, &content, &format!("backing file {name}"));
+        drop(blk);
+        stop(daemon);
+        let mut info = vec!["image", "info", "--json", s(&image)];
+        info.extend_from_slice(extra);
+        vdisk(&info);
+    }
+    let out = run(
+        e2e::bin("vdisk"),
+        &["image", "info", s(&d("golden-abs.qcow2"))],
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--backing-dir"),
+        "{}",
+        describe("vdisk image info without --backing-dir", &out)
+    );
 }
 
 /// Compressed clusters are refused at access: reads and writes of one fail with an I/O

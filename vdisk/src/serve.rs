@@ -53,6 +53,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         let opts = OpenOptions {
             read_only: cfg.readonly,
             dedupe_index_bytes: cfg.dedupe_index_bytes,
+            backing_dirs: cfg.backing_dirs.clone(),
+            format_probed: cfg.format == FormatKind::Auto,
             ..OpenOptions::default()
         };
         let mut img = Qcow2::open(&cfg.image, &opts)?;

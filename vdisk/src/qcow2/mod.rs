@@ -108,6 +108,12 @@ pub struct OpenOptions {
     pub refcount_cache_bytes: u64,
     /// Memory budget of the dedupe index, for images marked for dedupe.
     pub dedupe_index_bytes: u64,
+    /// Directories besides the image's own where its backing files may live.
+    pub backing_dirs: Vec<PathBuf>,
+    /// The format was probed (`--format auto`), not given: an image that names a backing
+    /// file is refused and the file is never opened. A guest can write a qcow2 header into
+    /// a raw disk it was given; it must not choose host files for us to read.
+    pub format_probed: bool,
 }
 
 impl Default for OpenOptions {
@@ -117,6 +123,8 @@ impl Default for OpenOptions {
             l2_cache_bytes: AUTO_CACHE_BYTES,
             refcount_cache_bytes: AUTO_CACHE_BYTES,
             dedupe_index_bytes: DEFAULT_INDEX_BYTES,
+            backing_dirs: Vec::new(),
+            format_probed: false,
         }
     }
 }
@@ -242,20 +250,21 @@ fn read_be64s(raw: &[u8]) -> Vec<u64> {
 impl Qcow2 {
     /// Open an image. A writable open also needs the backing chain (opened read-only).
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
-        let mut seen = Vec::new();
-        Qcow2::open_chain(path, opts, &mut seen)
-    }
-
-    pub(crate) fn open_chain(
-        path: &Path,
-        opts: &OpenOptions,
-        seen: &mut Vec<PathBuf>,
-    ) -> Result<Qcow2> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
             .open(path)
             .map_err(|e| io_err(path, "open", e))?;
+        let mut chain = backing::Chain::new(path, &opts.backing_dirs)?;
+        Qcow2::open_in_chain(file, path, opts, &mut chain)
+    }
+
+    pub(crate) fn open_in_chain(
+        file: File,
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &mut backing::Chain,
+    ) -> Result<Qcow2> {
         if !opts.read_only {
             lock_exclusive(&file, path)?;
         }
@@ -340,7 +349,13 @@ impl Qcow2 {
                 }
             }
         }
-        img.backing = backing::open(path, &img.header, seen)?.map(Box::new);
+        if let (true, Some(name)) = (opts.format_probed, &img.header.backing_file) {
+            return Err(Qcow2Error::ProbedWithBacking {
+                path: path.to_path_buf(),
+                backing: name.clone(),
+            });
+        }
+        img.backing = backing::open(path, &img.header, chain)?.map(Box::new);
 
         if img.header.dirty() {
             if img.read_only {
@@ -378,12 +393,24 @@ impl Qcow2 {
     /// Create a new image (refusing to overwrite an existing file) and open it writable.
     /// `size` is rounded up to a multiple of 512. The backing file's format (raw or
     /// qcow2) is detected and recorded in the backing-format header extension; the name
-    /// is stored as given (relative names are relative to the new image's directory).
+    /// is stored as given (relative names are relative to the new image's directory). The
+    /// backing file must live in the new image's directory.
     pub fn create(
         path: &Path,
         size: u64,
         cluster_size: u64,
         backing_file: Option<&Path>,
+    ) -> Result<Qcow2> {
+        Qcow2::create_with(path, size, cluster_size, backing_file, &[])
+    }
+
+    /// [`Qcow2::create`], with the backing file allowed in `backing_dirs` too.
+    pub fn create_with(
+        path: &Path,
+        size: u64,
+        cluster_size: u64,
+        backing_file: Option<&Path>,
+        backing_dirs: &[PathBuf],
     ) -> Result<Qcow2> {
         let invalid = |what: String| Qcow2Error::Invalid {
             path: path.to_path_buf(),
@@ -420,10 +447,11 @@ impl Qcow2 {
             let name = b
                 .to_str()
                 .ok_or_else(|| invalid("backing file name is not UTF-8".into()))?;
-            header.backing_file = Some(name.to_string());
-            header.backing_format = Some(backing::probe_format(path, b)?.to_string());
             // Open the chain now, so that a bad backing file fails the create.
-            backing::open(path, &header, &mut Vec::new())?;
+            let mut chain = backing::Chain::new(path, backing_dirs)?;
+            let base = backing::open_named(path, name, None, &mut chain)?;
+            header.backing_file = Some(name.to_string());
+            header.backing_format = Some(base.format().to_string());
         }
         header.refcount_table_offset = cluster_size;
         header.refcount_table_clusters = 1;
@@ -455,18 +483,22 @@ impl Qcow2 {
         io.write(0, &hdr, "header")?;
         io.sync()?;
         drop(io);
-        Qcow2::open(path, &OpenOptions::default())
+        let opts = OpenOptions {
+            backing_dirs: backing_dirs.to_vec(),
+            ..OpenOptions::default()
+        };
+        Qcow2::open(path, &opts)
     }
 
-    /// Virtual size of `backing` (raw or qcow2), named as it would be from `image`.
-    pub fn backing_size(image: &Path, backing: &Path) -> Result<u64> {
-        let path = backing::resolve(image, backing);
-        if backing::probe_format(image, backing)? == "qcow2" {
-            return Ok(Qcow2::open(&path, &OpenOptions::read_only())?.virtual_size());
-        }
-        Ok(std::fs::metadata(&path)
-            .map_err(|e| io_err(&path, "stat", e))?
-            .len())
+    /// Virtual size of `backing` (raw or qcow2), named as it would be from `image`, which
+    /// may name backing files in its own directory and in `backing_dirs`.
+    pub fn backing_size(image: &Path, backing: &Path, backing_dirs: &[PathBuf]) -> Result<u64> {
+        let name = backing.to_str().ok_or_else(|| Qcow2Error::Invalid {
+            path: image.to_path_buf(),
+            what: "backing file name is not UTF-8".into(),
+        })?;
+        let mut chain = backing::Chain::new(image, backing_dirs)?;
+        Ok(backing::open_named(image, name, None, &mut chain)?.size())
     }
 
     pub fn path(&self) -> &Path {
