@@ -15,7 +15,9 @@
 //! - unsupported images are refused at start, and compressed clusters fail at access with
 //!   an I/O error rather than garbage;
 //! - backing files: a qcow2 header a guest writes into a raw disk never makes vdisk read a
-//!   host file, and backing files must be regular files inside the allowed directories.
+//!   host file, and backing files must be regular files inside the allowed directories;
+//! - locking: vdisk opens an image once and locks it as QEMU does, so qemu-img, qemu-io
+//!   and qemu-storage-daemon respect a served image and vdisk respects theirs.
 //!
 //! `E2E_SEED=N` replays the random parts (the seed is printed).
 
@@ -1353,7 +1355,7 @@ fn offline_snapshot_revert_and_the_serving_lock() {
         describe("vdisk snapshot create", &out)
     );
     assert!(
-        err.contains("in use") || err.contains("open for writing by another process"),
+        err.contains("locked by another process"),
         "the error should say the image is in use: {err}"
     );
     assert_eq!(
@@ -1963,4 +1965,317 @@ fn compressed_clusters_fail_with_an_io_error() {
     stop(daemon);
     check_clean(&image, "after discarding the compressed cluster");
     compare(&image, &model, "after discarding the compressed cluster");
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Opening once, and QEMU's locks.
+
+fn have_qsd() -> bool {
+    e2e::require(
+        "qemu-storage-daemon (package qemu-utils)",
+        e2e::have_program("qemu-storage-daemon"),
+    )
+}
+
+/// Run a command that must fail within 20 s, with `needle` on stderr.
+fn refused(prog: impl AsRef<std::ffi::OsStr>, args: &[&str], needle: &str, what: &str) {
+    let mut child = Command::new(prog.as_ref())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: {args:?} was not refused (still running after 20 s)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        !status.success() && err.contains(needle),
+        "{what}: {args:?}: {status}, stderr:\n{err}"
+    );
+}
+
+/// qemu-storage-daemon exporting `image` (raw or qcow2) over vhost-user-blk, with QEMU's
+/// default locking: `Ok` once its socket is up, `Err(stderr)` if it exits first.
+fn qsd_export(image: &Path, fmt: &str, socket: &Path, writable: bool) -> Result<Daemon, String> {
+    let mut args = vec![
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f0,filename={}", s(image)),
+    ];
+    let mut node = "f0";
+    if fmt == "qcow2" {
+        args.extend([
+            "--blockdev".into(),
+            "driver=qcow2,node-name=q0,file=f0".into(),
+        ]);
+        node = "q0";
+    }
+    args.extend([
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={}",
+            s(socket),
+            if writable { "on" } else { "off" }
+        ),
+    ]);
+    let _ = std::fs::remove_file(socket);
+    let mut child = Command::new("qemu-storage-daemon")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-storage-daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait qsd") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Err(format!("{st}: {err}"));
+        }
+        if socket.exists() {
+            return Ok(Daemon {
+                child,
+                socket: socket.to_path_buf(),
+            });
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An image vdisk serves is locked as QEMU locks its disks, raw and qcow2 alike. Writable:
+/// `qemu-img info` of a qcow2 image fails as it does against a running QEMU ("Failed to
+/// get shared "write" lock") while `qemu-img info -U` and `vdisk image info -U` work; qemu-io cannot open it
+/// to write; qemu-storage-daemon cannot export it; a second vdisk and `vdisk image info`
+/// are refused. Read-only: other readers (qemu-img info, a second read-only vdisk) are
+/// welcome, writers are not. A backing file is locked for reading: qemu-io cannot write
+/// it while a clone over it is served, qemu-img info reads it.
+#[test]
+fn served_images_are_locked_against_qemu_and_vdisk() {
+    if !tools() || !have_qsd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).expect("raw");
+    let q = dir.path().join("disk.qcow2");
+    create(&q, Some(4 * MIB), 64 * KIB, None);
+    let socket = dir.path().join("vdisk.sock");
+    let other = dir.path().join("other.sock");
+    for (image, fmt) in [(&raw, "raw"), (&q, "qcow2")] {
+        let what = format!("{fmt} served writable");
+        let daemon = serve(image, &socket, &["--format", fmt]);
+        if fmt == "qcow2" {
+            // qemu-img info reads no data of a raw image, and takes no lock on one
+            // against writers, whoever holds it (QEMU included).
+            refused(
+                "qemu-img",
+                &["info", s(image)],
+                "Failed to get shared \"write\" lock",
+                &what,
+            );
+        }
+        ok("qemu-img", &["info", "-U", s(image)]);
+        refused(
+            "qemu-io",
+            &["-f", fmt, "-c", "write 0 512", s(image)],
+            "Failed to get \"write\" lock",
+            &what,
+        );
+        match qsd_export(image, fmt, &other, true) {
+            Ok(_) => panic!("{what}: qemu-storage-daemon exported it writable"),
+            Err(e) => assert!(e.contains("lock"), "{what}: qemu-storage-daemon: {e}"),
+        }
+        refused(
+            e2e::bin("vdisk"),
+            &["serve", "--image", s(image), "--socket", s(&other)],
+            "locked by another process",
+            &what,
+        );
+        refused(
+            e2e::bin("vdisk"),
+            &["image", "info", s(image)],
+            "locked by another process",
+            &what,
+        );
+        vdisk(&["image", "info", "-U", s(image)]);
+        stop(daemon);
+
+        let what = format!("{fmt} served read-only");
+        let daemon = serve(image, &socket, &["--format", fmt, "--readonly"]);
+        ok("qemu-img", &["info", s(image)]);
+        vdisk(&["image", "info", s(image)]);
+        let second = serve(image, &other, &["--format", fmt, "--readonly"]);
+        stop(second);
+        refused(
+            "qemu-io",
+            &["-f", fmt, "-c", "write 0 512", s(image)],
+            "Failed to get \"write\" lock",
+            &what,
+        );
+        stop(daemon);
+    }
+
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![7u8; 4 * MIB as usize]).expect("base");
+    let clone = dir.path().join("clone.qcow2");
+    create(&clone, None, 64 * KIB, Some(&base));
+    let daemon = serve(&clone, &socket, &["--format", "qcow2"]);
+    refused(
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 512", s(&base)],
+        "Failed to get \"write\" lock",
+        "the backing file of a served clone",
+    );
+    ok("qemu-img", &["info", s(&base)]);
+    stop(daemon);
+}
+
+/// The other way: an image qemu-storage-daemon exports writable is refused by `vdisk
+/// serve`, writable or read-only, and by `vdisk image info` (but not `-U`), naming the file;
+/// when it exits, vdisk serves the image. A qcow2 image qemu-io holds open read-only (a
+/// reader that does not share writes; qemu-io shares them on a raw image) may be served
+/// read-only, not writable.
+#[test]
+fn vdisk_refuses_images_qemu_holds() {
+    if !tools() || !have_qsd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).expect("raw");
+    let q = dir.path().join("disk.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", s(&q), "4M"]);
+    let socket = dir.path().join("vdisk.sock");
+    let qsd_socket = dir.path().join("qsd.sock");
+    for (image, fmt) in [(&raw, "raw"), (&q, "qcow2")] {
+        let what = format!("{fmt} exported by qemu-storage-daemon");
+        let qsd =
+            qsd_export(image, fmt, &qsd_socket, true).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let needle = format!("image {} is locked by another process", s(image));
+        for extra in [&[][..], &["--readonly"][..]] {
+            let mut args = vec!["serve", "--image", s(image), "--socket", s(&socket)];
+            args.extend_from_slice(extra);
+            refused(
+                e2e::bin("vdisk"),
+                &args,
+                &needle,
+                &format!("{what}, {extra:?}"),
+            );
+        }
+        refused(
+            e2e::bin("vdisk"),
+            &["image", "info", s(image)],
+            &needle,
+            &what,
+        );
+        vdisk(&["image", "info", "-U", s(image)]);
+        drop(qsd);
+        let daemon = serve(image, &socket, &["--format", fmt]);
+        stop(daemon);
+    }
+
+    let what = "an image qemu-io holds read-only";
+    let mut reader = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", s(&q)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-io");
+    // qemu-io opens the image before it reads commands; a command's answer proves it has.
+    {
+        use std::io::{BufRead, Write};
+        let mut stdin = reader.stdin.take().expect("stdin");
+        writeln!(stdin, "read 0 512").expect("command qemu-io");
+        let mut line = String::new();
+        std::io::BufReader::new(reader.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("qemu-io answers");
+        refused(
+            e2e::bin("vdisk"),
+            &["serve", "--image", s(&q), "--socket", s(&socket)],
+            "does not share write access",
+            what,
+        );
+        let daemon = serve(&q, &socket, &["--readonly"]);
+        stop(daemon);
+        drop(stdin);
+    }
+    let _ = reader.wait();
+}
+
+/// `vdisk serve` opens the image's path once: probing the format, reading the qcow2
+/// metadata and the I/O engines all use that open file (the engines' descriptor is a
+/// reopen of it through /proc/self/fd, which resolves no path). strace counts the opens.
+#[test]
+fn serve_opens_the_image_once() {
+    if !tools() || !e2e::require("strace (package strace)", e2e::have_program("strace")) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).expect("raw");
+    let q = dir.path().join("disk.qcow2");
+    create(&q, Some(4 * MIB), 64 * KIB, None);
+    let socket = dir.path().join("vdisk.sock");
+    let trace = dir.path().join("strace.log");
+    for (image, extra) in [(&raw, &[][..]), (&q, &[][..]), (&q, &["--direct"][..])] {
+        let mut strace = Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=open,openat,openat2",
+                "-o",
+                s(&trace),
+            ])
+            .arg(e2e::bin("vdisk"))
+            .args(["serve", "--image", s(image), "--socket", s(&socket)])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn strace");
+        e2e::wait_for_socket(&ctl_socket(&socket), Duration::from_secs(30));
+        let log = std::fs::read_to_string(&trace).expect("read the trace");
+        let quoted = format!("\"{}\"", s(image));
+        let opens = log.lines().filter(|l| l.contains(&quoted)).count();
+        // vdisk is strace's child; its exit ends strace.
+        let children = format!("/proc/{}/task/{}/children", strace.id(), strace.id());
+        let pid: i32 = std::fs::read_to_string(&children)
+            .expect("strace's children")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("vdisk's pid");
+        // SAFETY: kill() with a pid we started and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert!(
+            strace.wait().expect("wait strace").success(),
+            "vdisk under strace"
+        );
+        assert_eq!(
+            opens,
+            1,
+            "{} {extra:?}: the path opened {opens} times:\n{log}",
+            image.display()
+        );
+    }
 }

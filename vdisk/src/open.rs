@@ -1,6 +1,13 @@
-//! Opening the files an image names: a backing file must be a regular file inside one of
-//! the directories allowed for backing files, checked on the descriptor that is then used,
-//! so that nothing can be swapped in between the check and the reads.
+//! Opening images and the files they name.
+//!
+//! An image is opened once ([`open_image`]); its format is probed, its qcow2 metadata read
+//! and its data moved through that one open file description (dups of it), so nothing can
+//! be swapped in between. A backing file must be a regular file inside one of the
+//! directories allowed for backing files, checked on the descriptor that is then used
+//! ([`open_confined`]).
+//!
+//! Every file is locked the way QEMU's file-posix driver locks it ([`lock`]), so that
+//! QEMU, qemu-img, qemu-storage-daemon and other vdisks see our use and we see theirs.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -34,6 +41,13 @@ pub enum OpenError {
     Replaced { path: PathBuf },
     #[error("backing directory {dir}: {what}")]
     BadDir { dir: PathBuf, what: String },
+    #[error("image {path} is {kind}, not a regular file or a block device")]
+    NotAnImage { path: PathBuf, kind: &'static str },
+    #[error(
+        "image {path} is locked by another process (QEMU, qemu-img or another vdisk?), which \
+         {conflict}"
+    )]
+    Locked { path: PathBuf, conflict: String },
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
@@ -162,6 +176,167 @@ pub fn open_confined(path: &Path, allowed: &[PathBuf]) -> Result<(File, PathBuf)
     Ok((file, canonical))
 }
 
+/// Open an image (the file `--image` names, or one a `vdisk image` command works on):
+/// a regular file or a block device, read-only or read-write. O_NONBLOCK keeps a FIFO
+/// given by mistake from blocking the open; it goes once the type is known.
+pub fn open_image(path: &Path, writable: bool) -> Result<File, OpenError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_err(path, "open"))?;
+    let st = fstat(&file, path)?;
+    let fmt = st.st_mode & libc::S_IFMT;
+    if fmt != libc::S_IFREG && fmt != libc::S_IFBLK {
+        return Err(OpenError::NotAnImage {
+            path: path.to_path_buf(),
+            kind: kind(st.st_mode),
+        });
+    }
+    clear_nonblock(&file, path)?;
+    Ok(file)
+}
+
+/// A second open file description of the inode `file` holds, for the I/O engines (with
+/// O_DIRECT for `--direct`, while the metadata keeps going through the page cache).
+/// Opened through /proc/self/fd, so it cannot be another file than the one checked and
+/// locked. It holds no locks: io_uring keeps its registered files until its teardown,
+/// which the kernel finishes asynchronously after the process exits, and the locks must
+/// not outlive the process.
+pub fn reopen(file: &File, path: &Path, writable: bool, direct: bool) -> Result<File, OpenError> {
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(flags)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(io_err(path, "reopen"))
+}
+
+/// How a file is used, in QEMU's permission terms (include/block/block-common.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Written (a writable export, `check --repair`, snapshots, a new image): consistent
+    /// read, write and resize held; write and resize not shared. What QEMU holds on the
+    /// file of a writable qcow2 or raw disk.
+    Write,
+    /// Read and relied on (a read-only export, a backing file, `vdisk image info`):
+    /// consistent read held; write and resize not shared. What QEMU holds for a read-only
+    /// disk and for a backing file (bdrv_default_perms_for_cow).
+    Read,
+    /// Read, tolerating writers (`info --force-share`, QEMU's `-U`): consistent read held,
+    /// everything shared.
+    ReadShared,
+}
+
+const PERM_CONSISTENT_READ: u32 = 0x1;
+const PERM_WRITE: u32 = 0x2;
+const PERM_WRITE_UNCHANGED: u32 = 0x4;
+const PERM_RESIZE: u32 = 0x8;
+const PERM_NAMES: [(u32, &str); 4] = [
+    (PERM_CONSISTENT_READ, "consistent read"),
+    (PERM_WRITE, "write"),
+    (PERM_WRITE_UNCHANGED, "write unchanged"),
+    (PERM_RESIZE, "resize"),
+];
+/// block/file-posix.c: byte 100 + bit for each permission held, byte 200 + bit for each
+/// permission not shared, each a shared (F_RDLCK) OFD lock.
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+
+impl Access {
+    fn held(self) -> u32 {
+        match self {
+            Access::Write => PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+            Access::Read | Access::ReadShared => PERM_CONSISTENT_READ,
+        }
+    }
+
+    fn unshared(self) -> u32 {
+        match self {
+            Access::Write | Access::Read => PERM_WRITE | PERM_RESIZE,
+            Access::ReadShared => 0,
+        }
+    }
+}
+
+fn flock_at(l_type: i32, byte: i64) -> libc::flock {
+    libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        // OFD locks require 0.
+        l_pid: 0,
+    }
+}
+
+/// Take the lock bytes `access` implies on `file`, then check that no other open file
+/// description holds bytes that conflict, as QEMU's raw_apply_lock_bytes and
+/// raw_check_lock_bytes do (lock first, then check, so two openers racing both see each
+/// other). The locks live as long as the open file description: every dup of `file`
+/// keeps them, and they go when the last one closes or the process dies.
+pub fn lock(file: &File, path: &Path, access: Access) -> Result<(), OpenError> {
+    let fd = file.as_raw_fd();
+    let bytes = PERM_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(_, (p, _))| access.held() & p != 0)
+        .map(|(i, _)| LOCK_PERM_BASE + i as i64)
+        .chain(
+            PERM_NAMES
+                .iter()
+                .enumerate()
+                .filter(|(_, (p, _))| access.unshared() & p != 0)
+                .map(|(i, _)| LOCK_SHARED_BASE + i as i64),
+        );
+    for byte in bytes {
+        let fl = flock_at(libc::F_RDLCK, byte);
+        // SAFETY: fcntl reads the flock struct, which lives across the call.
+        if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) } != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                return Err(OpenError::Locked {
+                    path: path.to_path_buf(),
+                    conflict: format!("holds an exclusive lock on byte {byte}"),
+                });
+            }
+            return Err(io_err(path, "lock (F_OFD_SETLK)")(e));
+        }
+    }
+    for (i, (perm, name)) in PERM_NAMES.iter().enumerate() {
+        let checks = [
+            (access.held(), LOCK_SHARED_BASE, "does not share"),
+            (access.unshared(), LOCK_PERM_BASE, "holds"),
+        ];
+        for (mask, base, verb) in checks {
+            if mask & perm == 0 {
+                continue;
+            }
+            // Would a write lock fit? Only another open file description's read lock
+            // stops it: our own never conflict with us.
+            let mut fl = flock_at(libc::F_WRLCK, base + i as i64);
+            // SAFETY: fcntl reads and writes the flock struct, which lives across the call.
+            if unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) } != 0 {
+                return Err(io_err(path, "test lock (F_OFD_GETLK)")(
+                    io::Error::last_os_error(),
+                ));
+            }
+            if i32::from(fl.l_type) != libc::F_UNLCK {
+                return Err(OpenError::Locked {
+                    path: path.to_path_buf(),
+                    conflict: format!("{verb} {name} access"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// io_uring fails requests on O_NONBLOCK files with EAGAIN instead of waiting, so the flag
 /// goes once the file type is known.
 fn clear_nonblock(file: &File, path: &Path) -> Result<(), OpenError> {
@@ -249,6 +424,38 @@ mod tests {
             .expect_err("dir")
             .to_string();
         assert!(e.contains("a directory"), "{e}");
+    }
+
+    /// Each open is its own open file description, so one process stands in for two.
+    #[test]
+    fn locks_conflict_as_qemu_permissions_do() {
+        let d = tmp();
+        let path = d.path().join("img");
+        std::fs::write(&path, [0u8; 512]).expect("write");
+        let open = || open_image(&path, true).expect("open");
+        let try_lock = |access| {
+            let f = open();
+            lock(&f, &path, access).map(|()| f)
+        };
+        use Access::*;
+        for (first, second, ok) in [
+            (Write, Write, false),
+            (Write, Read, false),
+            (Read, Write, false),
+            (Read, Read, true),
+            (Write, ReadShared, true),
+            (ReadShared, Write, true),
+        ] {
+            let held = try_lock(first).expect("first lock");
+            let r = try_lock(second);
+            assert_eq!(r.is_ok(), ok, "{first:?} then {second:?}: {r:?}");
+            if let Err(e) = &r {
+                let e = e.to_string();
+                assert!(e.contains("img is locked by another process"), "{e}");
+            }
+            drop((held, r));
+            try_lock(second).expect("free once the first closes");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
+use crate::open::Access;
 use crate::qcow2::{self, Backing, OpenOptions, Qcow2, Qcow2Error};
 
 #[derive(Subcommand, Debug)]
@@ -92,6 +93,10 @@ pub struct InfoArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Read the image even while another process writes it (a serving vdisk, QEMU), as
+    /// `qemu-img info -U` does: what it shows may be out of date or inconsistent.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -337,7 +342,11 @@ fn dedupe_info(img: &mut Qcow2) -> Result<Option<DedupeInfo>, Qcow2Error> {
 }
 
 fn info(a: &InfoArgs) -> Result<ExitCode, Qcow2Error> {
-    let info = match Qcow2::open(&a.path, &a.chain.opts(true)) {
+    let opts = OpenOptions {
+        force_share: a.force_share,
+        ..a.chain.opts(true)
+    };
+    let info = match Qcow2::open(&a.path, &opts) {
         Ok(mut img) => {
             let dedupe = dedupe_info(&mut img)?;
             let mut chain = Vec::new();
@@ -511,7 +520,8 @@ fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
                 (Source::Qcow2(Box::new(img)), size)
             }
             Err(Qcow2Error::NotQcow2 { .. }) => {
-                let f = std::fs::File::open(&a.source).map_err(|e| io_err(&a.source, "open", e))?;
+                let f = crate::open::open_image(&a.source, false)?;
+                crate::open::lock(&f, &a.source, Access::Read)?;
                 let size = f
                     .metadata()
                     .map_err(|e| io_err(&a.source, "stat", e))?
@@ -540,6 +550,7 @@ fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
             ConvertTo::Raw => {
                 let f = std::fs::File::create_new(&a.target)
                     .map_err(|e| io_err(&a.target, "create", e))?;
+                crate::open::lock(&f, &a.target, Access::Write)?;
                 f.set_len(size)
                     .map_err(|e| io_err(&a.target, "set size", e))?;
                 Target::Raw(f)

@@ -174,6 +174,9 @@ pub fn open_named(
             ),
         ));
     }
+    // Read and relied on: nobody may write it meanwhile (QEMU's rule for backing files).
+    crate::open::lock(&file, &path, crate::open::Access::Read)
+        .map_err(|e| backing_err(image, e.to_string()))?;
     let format = match format {
         Some("raw") => "raw",
         Some("qcow2") => "qcow2",

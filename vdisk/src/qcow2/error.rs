@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
+    #[error(transparent)]
+    Open(#[from] crate::open::OpenError),
     #[error("{path}: {op}: {source}")]
     Io {
         path: PathBuf,

@@ -74,6 +74,7 @@ use self::dedupe::Dedupe;
 use self::io::{io_err, ImageFile};
 use self::map::{Entry, COPIED, OFFSET_MASK, ZERO};
 use self::refcount::Refcounts;
+use crate::open::Access;
 
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
 pub const MIN_CLUSTER_SIZE: u64 = 4 << 10;
@@ -114,6 +115,8 @@ pub struct OpenOptions {
     /// file is refused and the file is never opened. A guest can write a qcow2 header into
     /// a raw disk it was given; it must not choose host files for us to read.
     pub format_probed: bool,
+    /// A read-only open that tolerates writers (QEMU's `-U`): no lock keeps them out.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -125,6 +128,7 @@ impl Default for OpenOptions {
             dedupe_index_bytes: DEFAULT_INDEX_BYTES,
             backing_dirs: Vec::new(),
             format_probed: false,
+            force_share: false,
         }
     }
 }
@@ -248,13 +252,23 @@ fn read_be64s(raw: &[u8]) -> Vec<u64> {
 }
 
 impl Qcow2 {
-    /// Open an image. A writable open also needs the backing chain (opened read-only).
+    /// Open an image, locked as QEMU locks it: writable, nobody else may write it or hold
+    /// it writable; read-only, nobody else may hold it writable (unless
+    /// `opts.force_share`). The backing chain is opened read-only and locked likewise.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(|e| io_err(path, "open", e))?;
+        let file = crate::open::open_image(path, !opts.read_only)?;
+        let access = match (opts.read_only, opts.force_share) {
+            (false, _) => Access::Write,
+            (true, false) => Access::Read,
+            (true, true) => Access::ReadShared,
+        };
+        crate::open::lock(&file, path, access)?;
+        Qcow2::from_file(file, path, opts)
+    }
+
+    /// Open the image `file` holds (opened with [`crate::open::open_image`] and locked by
+    /// the caller): its metadata is read through it.
+    pub fn from_file(file: File, path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
         let mut chain = backing::Chain::new(path, &opts.backing_dirs)?;
         Qcow2::open_in_chain(file, path, opts, &mut chain)
     }
@@ -265,9 +279,6 @@ impl Qcow2 {
         opts: &OpenOptions,
         chain: &mut backing::Chain,
     ) -> Result<Qcow2> {
-        if !opts.read_only {
-            lock_exclusive(&file, path)?;
-        }
         let io = ImageFile::new(file, path)?;
         let mut start = vec![0u8; io.len().min(104) as usize];
         io.file()
@@ -465,6 +476,7 @@ impl Qcow2 {
             .create_new(true)
             .open(path)
             .map_err(|e| io_err(path, "create", e))?;
+        crate::open::lock(&file, path, Access::Write)?;
         let mut io = ImageFile::new(file, path)?;
         let cs = cluster_size as usize;
         let mut table = vec![0u8; cs];
@@ -963,27 +975,6 @@ impl Qcow2 {
         }
         Ok(())
     }
-}
-
-/// One writer per image: a second `vdisk serve`, or an offline snapshot or repair while
-/// a daemon serves the image, would corrupt it. The lock goes with the process, so a
-/// crashed daemon leaves none behind.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on an fd we own, with plain flags.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(Qcow2Error::Invalid {
-            path: path.to_path_buf(),
-            what: "the image is in use: open for writing by another process (a running \
-                   `vdisk serve`? use `vdisk ctl` on its control socket)"
-                .to_string(),
-        });
-    }
-    Err(io_err(path, "lock", e))
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
