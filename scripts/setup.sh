@@ -19,7 +19,8 @@ LOG_NAME=setup
 #   file             build-guest.sh checks that busybox is static
 #   make             the Makefile (make test / demo / bench)
 #   fonts-dejavu-core  the labels of the benchmark plots (benches/src/chart.rs)
-PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs file make fonts-dejavu-core)
+#   strace           counts the opens of an image (tests/tests/qcow2_serve.rs)
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs file make fonts-dejavu-core strace)
 declare -A PROVIDES=(
     [qemu-system-x86]=qemu-system-x86_64
     [qemu-utils]="qemu-img qemu-storage-daemon"
@@ -30,6 +31,7 @@ declare -A PROVIDES=(
     [file]=file
     [make]=make
     [fonts-dejavu-core]=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+    [strace]=strace
 )
 
 # vswitch's end-to-end tests (tests/tests/testpmd_net.rs):

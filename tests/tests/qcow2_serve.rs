@@ -13,7 +13,11 @@
 //! - thin accounting: allocated size and the allocation counters follow writes and
 //!   discards;
 //! - unsupported images are refused at start, and compressed clusters fail at access with
-//!   an I/O error rather than garbage.
+//!   an I/O error rather than garbage;
+//! - backing files: a qcow2 header a guest writes into a raw disk never makes vdisk read a
+//!   host file, and backing files must be regular files inside the allowed directories;
+//! - locking: vdisk opens an image once and locks it as QEMU does, so qemu-img, qemu-io
+//!   and qemu-storage-daemon respect a served image and vdisk respects theirs.
 //!
 //! `E2E_SEED=N` replays the random parts (the seed is printed).
 
@@ -686,7 +690,7 @@ fn readonly_qcow2_export_changes_nothing() {
         std::fs::read(&overlay).expect("read overlay"),
     );
 
-    let daemon = serve(&overlay, &socket, &["--readonly"]);
+    let daemon = serve(&overlay, &socket, &["--readonly", "--format", "qcow2"]);
     let mut blk = Blk::connect(
         &socket,
         &Options {
@@ -947,7 +951,7 @@ fn two_level_backing_chain() {
         "{info}"
     );
 
-    let daemon = serve(&top, &socket, &[]);
+    let daemon = serve(&top, &socket, &["--format", "qcow2"]);
     let mut blk = connect(&socket, 1);
     assert_device(&mut blk, &model, "the chain through the top");
     let cluster = 64 * KIB;
@@ -1151,7 +1155,7 @@ fn linked_clones_read_the_base_and_write_the_overlay() {
                 dir.path(),
                 "relative backing paths must not resolve by accident"
             );
-            let daemon = serve(&overlay, &socket, &[]);
+            let daemon = serve(&overlay, &socket, &["--format", "qcow2"]);
             let mut blk = connect(&socket, 1);
             assert_device(
                 &mut blk,
@@ -1351,7 +1355,7 @@ fn offline_snapshot_revert_and_the_serving_lock() {
         describe("vdisk snapshot create", &out)
     );
     assert!(
-        err.contains("in use") || err.contains("open for writing by another process"),
+        err.contains("locked by another process"),
         "the error should say the image is in use: {err}"
     );
     assert_eq!(
@@ -1548,12 +1552,13 @@ fn allocation_follows_writes_and_discards() {
 // ---------------------------------------------------------------------------------------
 // 6. Unsupported and hostile images.
 
-/// `vdisk serve` must refuse `image`: a non-zero exit, the reason (each of `needles`, one
-/// at least) on stderr, and no socket ever appearing.
-fn assert_serve_refused(image: &Path, needles: &[&str], what: &str) {
+/// `vdisk serve --image IMAGE EXTRA...` must refuse `image`: a non-zero exit within 20 s,
+/// the reason (one of `needles` at least) on stderr, and no socket ever appearing.
+fn assert_serve_refused(image: &Path, extra: &[&str], needles: &[&str], what: &str) {
     let socket = image.with_extension("sock");
     let mut child = Command::new(e2e::bin("vdisk"))
         .args(["serve", "--image", s(image), "--socket", s(&socket)])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1596,6 +1601,31 @@ fn assert_serve_refused(image: &Path, needles: &[&str], what: &str) {
     );
 }
 
+/// Turn a fresh qemu-img qcow2 image into what a LUKS-encrypted one declares: crypt_method
+/// 2 (LUKS) at byte 32 and a crypto header extension (0x0537be77: offset and length of the
+/// LUKS header; vdisk refuses before reading it) before the other extensions.
+fn make_luks_header(image: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .expect("open");
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).expect("read header");
+    head[32..36].copy_from_slice(&2u32.to_be_bytes());
+    let header_len = u32::from_be_bytes(head[100..104].try_into().expect("4 bytes")) as usize;
+    let cluster = 1u64 << u32::from_be_bytes(head[20..24].try_into().expect("4 bytes"));
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x0537_be77u32.to_be_bytes());
+    ext.extend_from_slice(&16u32.to_be_bytes());
+    ext.extend_from_slice(&cluster.to_be_bytes());
+    ext.extend_from_slice(&cluster.to_be_bytes());
+    head.splice(header_len..header_len, ext);
+    head.truncate(4096);
+    f.write_all_at(&head, 0).expect("write header");
+}
+
 #[test]
 fn unsupported_images_are_refused_at_start() {
     if !tools() {
@@ -1623,36 +1653,28 @@ fn unsupported_images_are_refused_at_start() {
         !out.status.success(),
         "qemu-img accepts the unknown bit too?"
     );
-    assert_serve_refused(&unknown, &["incompatible feature bit 60"], "unknown bit");
+    assert_serve_refused(
+        &unknown,
+        &[],
+        &["incompatible feature bit 60"],
+        "unknown bit",
+    );
 
+    // A LUKS-encrypted image's header, written here: `qemu-img create -o
+    // encrypt.format=luks` benchmarks PBKDF2 whatever encrypt.iter-time says, and QEMU
+    // 7.2's benchmark fails about one run in three on these machines ("Unable to get
+    // accurate CPU usage", fixed upstream in 2025), which is no fault of ours.
     let enc = d("luks.qcow2");
-    let out = run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=sec0,data=x",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            s(&enc),
-            "1M",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        describe("qemu-img create luks", &out)
-    );
-    assert_serve_refused(&enc, &["encryption"], "LUKS-encrypted image");
+    ok("qemu-img", &["create", "-f", "qcow2", s(&enc), "1M"]);
+    make_luks_header(&enc);
+    assert_serve_refused(&enc, &[], &["encryption"], "LUKS-encrypted image");
 
     let v2 = d("v2.qcow2");
     ok(
         "qemu-img",
         &["create", "-f", "qcow2", "-o", "compat=0.10", s(&v2), "1M"],
     );
-    assert_serve_refused(&v2, &["version 2"], "qcow2 version 2");
+    assert_serve_refused(&v2, &[], &["version 2"], "qcow2 version 2");
 
     let rc8 = d("refcount8.qcow2");
     ok(
@@ -1667,7 +1689,7 @@ fn unsupported_images_are_refused_at_start() {
             "1M",
         ],
     );
-    assert_serve_refused(&rc8, &["refcount_order 3"], "8-bit refcounts");
+    assert_serve_refused(&rc8, &[], &["refcount_order 3"], "8-bit refcounts");
 
     let ext = d("external.qcow2");
     ok(
@@ -1682,7 +1704,7 @@ fn unsupported_images_are_refused_at_start() {
             "1M",
         ],
     );
-    assert_serve_refused(&ext, &["external data file"], "external data file");
+    assert_serve_refused(&ext, &[], &["external data file"], "external data file");
 
     // A backing file that does not exist.
     let orphan = d("orphan.qcow2");
@@ -1701,7 +1723,176 @@ fn unsupported_images_are_refused_at_start() {
             "1M",
         ],
     );
-    assert_serve_refused(&orphan, &["missing.raw"], "missing backing file");
+    assert_serve_refused(
+        &orphan,
+        &["--format", "qcow2"],
+        &["missing.raw"],
+        "missing backing file",
+    );
+}
+
+fn mkfifo(path: &Path) {
+    ok("mkfifo", &[s(path)]);
+}
+
+/// `qemu-img create -f qcow2 -u -b NAME -F raw IMAGE SIZE`: qemu-img writes the name as
+/// given without opening it, as a hostile header would.
+fn overlay_naming(image: &Path, name: &str, size: u64) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            s(image),
+            &size.to_string(),
+        ],
+    );
+}
+
+/// The attack: a guest given a raw disk writes into it a qcow2 header whose backing file
+/// is a host file outside the image's directory (a secret the test made; /etc/shadow in
+/// the wild), then waits for a restart. With the default options (`--format auto`) vdisk
+/// refuses to serve it and says to pin the format; pinned qcow2 it refuses the backing
+/// file as outside the allowed directories; pinned raw it serves the guest's own bytes.
+/// The secret is never read by a client. A header naming a FIFO shows that the probed
+/// refusal comes before any open: opening a FIFO that has no writer blocks.
+#[test]
+fn a_guest_written_qcow2_header_does_not_reach_host_files() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = dir.path().join("vm");
+    std::fs::create_dir(&vm).expect("mkdir");
+    let size = 4 * MIB;
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5e; size as usize]).expect("write the secret");
+    mkfifo(&vm.join("pipe"));
+
+    for (name, pinned_needle) in [(s(&secret), "outside"), ("pipe", "a FIFO")] {
+        let what = format!("a guest-written header naming {name}");
+        let disk = vm.join("disk.raw");
+        let _ = std::fs::remove_file(&disk);
+        std::fs::write(&disk, vec![0u8; size as usize]).expect("write the disk");
+        let hostile = dir.path().join("hostile.qcow2");
+        let _ = std::fs::remove_file(&hostile);
+        overlay_naming(&hostile, name, size);
+        let mut header = std::fs::read(&hostile).expect("read the hostile image");
+        header.resize(header.len().next_multiple_of(SECTOR as usize), 0);
+
+        // The guest writes the header through the device, then the daemon restarts.
+        let socket = vm.join("vdisk.sock");
+        let daemon = serve(&disk, &socket, &[]);
+        let mut blk = connect(&socket, 1);
+        blk.write(0, &header)
+            .expect("the guest writes a qcow2 header");
+        blk.flush().expect("flush");
+        drop(blk);
+        stop(daemon);
+
+        assert_serve_refused(&disk, &[], &["--format qcow2"], &format!("{what}, probed"));
+        assert_serve_refused(
+            &disk,
+            &["--format", "qcow2"],
+            &[pinned_needle],
+            &format!("{what}, pinned qcow2"),
+        );
+        let daemon = serve(&disk, &socket, &["--format", "raw"]);
+        let mut blk = connect(&socket, 1);
+        let mut model = header.clone();
+        model.resize(size as usize, 0);
+        assert_device(&mut blk, &model, &format!("{what}, pinned raw"));
+        drop(blk);
+        stop(daemon);
+    }
+}
+
+/// Backing files named by qcow2 images served with `--format qcow2`: a name reaching
+/// outside the image's directory (`..`, absolute, a symlink) is refused, so are a FIFO
+/// (without blocking) and a device (even inside an allowed directory); a relative name in
+/// the same directory serves, and so does a base in a directory allowed with
+/// `--backing-dir`, named absolutely or relatively; `vdisk image info` follows the same
+/// rule.
+#[test]
+fn backing_files_are_confined_to_allowed_directories() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = dir.path().join("vm");
+    let golden = dir.path().join("golden");
+    std::fs::create_dir(&vm).expect("mkdir");
+    std::fs::create_dir(&golden).expect("mkdir");
+    let size = 2 * MIB;
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5e; size as usize]).expect("write the secret");
+    std::os::unix::fs::symlink(&secret, vm.join("link.raw")).expect("symlink");
+    mkfifo(&vm.join("pipe.raw"));
+    let d = |n: &str| vm.join(n);
+
+    for (n, name, extra, needle) in [
+        ("dotdot", "../secret.raw", &[][..], "outside"),
+        ("absolute", s(&secret), &[][..], "outside"),
+        ("symlink", "link.raw", &[][..], "outside"),
+        ("fifo", "pipe.raw", &[][..], "a FIFO"),
+        ("zero", "/dev/zero", &[][..], "outside"),
+        (
+            "zero-allowed",
+            "/dev/zero",
+            &["--backing-dir", "/dev"][..],
+            "a character device",
+        ),
+    ] {
+        let image = d(&format!("{n}.qcow2"));
+        overlay_naming(&image, name, size);
+        let mut args = vec!["--format", "qcow2"];
+        args.extend_from_slice(extra);
+        assert_serve_refused(&image, &args, &[needle], &format!("backing file {name}"));
+    }
+
+    let mut rng = SmallRng::seed_from_u64(seed());
+    let content = random_bytes(&mut rng, size as usize);
+    std::fs::write(d("base.raw"), &content).expect("write base");
+    std::fs::write(golden.join("gold.raw"), &content).expect("write gold");
+    let gold = golden.join("gold.raw");
+    for (n, name, extra) in [
+        ("same-dir", "base.raw", &[][..]),
+        ("golden-abs", s(&gold), &["--backing-dir", s(&golden)][..]),
+        (
+            "golden-rel",
+            "../golden/gold.raw",
+            &["--backing-dir", s(&golden)][..],
+        ),
+    ] {
+        let image = d(&format!("{n}.qcow2"));
+        overlay_naming(&image, name, size);
+        let socket = d(&format!("{n}.sock"));
+        let mut args = vec!["--format", "qcow2"];
+        args.extend_from_slice(extra);
+        let daemon = serve(&image, &socket, &args);
+        let mut blk = connect(&socket, 1);
+        assert_device(&mut blk, &content, &format!("backing file {name}"));
+        drop(blk);
+        stop(daemon);
+        let mut info = vec!["image", "info", "--json", s(&image)];
+        info.extend_from_slice(extra);
+        vdisk(&info);
+    }
+    let out = run(
+        e2e::bin("vdisk"),
+        &["image", "info", s(&d("golden-abs.qcow2"))],
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--backing-dir"),
+        "{}",
+        describe("vdisk image info without --backing-dir", &out)
+    );
 }
 
 /// Compressed clusters are refused at access: reads and writes of one fail with an I/O
@@ -1774,4 +1965,317 @@ fn compressed_clusters_fail_with_an_io_error() {
     stop(daemon);
     check_clean(&image, "after discarding the compressed cluster");
     compare(&image, &model, "after discarding the compressed cluster");
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Opening once, and QEMU's locks.
+
+fn have_qsd() -> bool {
+    e2e::require(
+        "qemu-storage-daemon (package qemu-utils)",
+        e2e::have_program("qemu-storage-daemon"),
+    )
+}
+
+/// Run a command that must fail within 20 s, with `needle` on stderr.
+fn refused(prog: impl AsRef<std::ffi::OsStr>, args: &[&str], needle: &str, what: &str) {
+    let mut child = Command::new(prog.as_ref())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: {args:?} was not refused (still running after 20 s)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        !status.success() && err.contains(needle),
+        "{what}: {args:?}: {status}, stderr:\n{err}"
+    );
+}
+
+/// qemu-storage-daemon exporting `image` (raw or qcow2) over vhost-user-blk, with QEMU's
+/// default locking: `Ok` once its socket is up, `Err(stderr)` if it exits first.
+fn qsd_export(image: &Path, fmt: &str, socket: &Path, writable: bool) -> Result<Daemon, String> {
+    let mut args = vec![
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f0,filename={}", s(image)),
+    ];
+    let mut node = "f0";
+    if fmt == "qcow2" {
+        args.extend([
+            "--blockdev".into(),
+            "driver=qcow2,node-name=q0,file=f0".into(),
+        ]);
+        node = "q0";
+    }
+    args.extend([
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={}",
+            s(socket),
+            if writable { "on" } else { "off" }
+        ),
+    ]);
+    let _ = std::fs::remove_file(socket);
+    let mut child = Command::new("qemu-storage-daemon")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-storage-daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait qsd") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Err(format!("{st}: {err}"));
+        }
+        if socket.exists() {
+            return Ok(Daemon {
+                child,
+                socket: socket.to_path_buf(),
+            });
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An image vdisk serves is locked as QEMU locks its disks, raw and qcow2 alike. Writable:
+/// `qemu-img info` of a qcow2 image fails as it does against a running QEMU ("Failed to
+/// get shared "write" lock") while `qemu-img info -U` and `vdisk image info -U` work; qemu-io cannot open it
+/// to write; qemu-storage-daemon cannot export it; a second vdisk and `vdisk image info`
+/// are refused. Read-only: other readers (qemu-img info, a second read-only vdisk) are
+/// welcome, writers are not. A backing file is locked for reading: qemu-io cannot write
+/// it while a clone over it is served, qemu-img info reads it.
+#[test]
+fn served_images_are_locked_against_qemu_and_vdisk() {
+    if !tools() || !have_qsd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).expect("raw");
+    let q = dir.path().join("disk.qcow2");
+    create(&q, Some(4 * MIB), 64 * KIB, None);
+    let socket = dir.path().join("vdisk.sock");
+    let other = dir.path().join("other.sock");
+    for (image, fmt) in [(&raw, "raw"), (&q, "qcow2")] {
+        let what = format!("{fmt} served writable");
+        let daemon = serve(image, &socket, &["--format", fmt]);
+        if fmt == "qcow2" {
+            // qemu-img info reads no data of a raw image, and takes no lock on one
+            // against writers, whoever holds it (QEMU included).
+            refused(
+                "qemu-img",
+                &["info", s(image)],
+                "Failed to get shared \"write\" lock",
+                &what,
+            );
+        }
+        ok("qemu-img", &["info", "-U", s(image)]);
+        refused(
+            "qemu-io",
+            &["-f", fmt, "-c", "write 0 512", s(image)],
+            "Failed to get \"write\" lock",
+            &what,
+        );
+        match qsd_export(image, fmt, &other, true) {
+            Ok(_) => panic!("{what}: qemu-storage-daemon exported it writable"),
+            Err(e) => assert!(e.contains("lock"), "{what}: qemu-storage-daemon: {e}"),
+        }
+        refused(
+            e2e::bin("vdisk"),
+            &["serve", "--image", s(image), "--socket", s(&other)],
+            "locked by another process",
+            &what,
+        );
+        refused(
+            e2e::bin("vdisk"),
+            &["image", "info", s(image)],
+            "locked by another process",
+            &what,
+        );
+        vdisk(&["image", "info", "-U", s(image)]);
+        stop(daemon);
+
+        let what = format!("{fmt} served read-only");
+        let daemon = serve(image, &socket, &["--format", fmt, "--readonly"]);
+        ok("qemu-img", &["info", s(image)]);
+        vdisk(&["image", "info", s(image)]);
+        let second = serve(image, &other, &["--format", fmt, "--readonly"]);
+        stop(second);
+        refused(
+            "qemu-io",
+            &["-f", fmt, "-c", "write 0 512", s(image)],
+            "Failed to get \"write\" lock",
+            &what,
+        );
+        stop(daemon);
+    }
+
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![7u8; 4 * MIB as usize]).expect("base");
+    let clone = dir.path().join("clone.qcow2");
+    create(&clone, None, 64 * KIB, Some(&base));
+    let daemon = serve(&clone, &socket, &["--format", "qcow2"]);
+    refused(
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 512", s(&base)],
+        "Failed to get \"write\" lock",
+        "the backing file of a served clone",
+    );
+    ok("qemu-img", &["info", s(&base)]);
+    stop(daemon);
+}
+
+/// The other way: an image qemu-storage-daemon exports writable is refused by `vdisk
+/// serve`, writable or read-only, and by `vdisk image info` (but not `-U`), naming the file;
+/// when it exits, vdisk serves the image. A qcow2 image qemu-io holds open read-only (a
+/// reader that does not share writes; qemu-io shares them on a raw image) may be served
+/// read-only, not writable.
+#[test]
+fn vdisk_refuses_images_qemu_holds() {
+    if !tools() || !have_qsd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).expect("raw");
+    let q = dir.path().join("disk.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", s(&q), "4M"]);
+    let socket = dir.path().join("vdisk.sock");
+    let qsd_socket = dir.path().join("qsd.sock");
+    for (image, fmt) in [(&raw, "raw"), (&q, "qcow2")] {
+        let what = format!("{fmt} exported by qemu-storage-daemon");
+        let qsd =
+            qsd_export(image, fmt, &qsd_socket, true).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let needle = format!("image {} is locked by another process", s(image));
+        for extra in [&[][..], &["--readonly"][..]] {
+            let mut args = vec!["serve", "--image", s(image), "--socket", s(&socket)];
+            args.extend_from_slice(extra);
+            refused(
+                e2e::bin("vdisk"),
+                &args,
+                &needle,
+                &format!("{what}, {extra:?}"),
+            );
+        }
+        refused(
+            e2e::bin("vdisk"),
+            &["image", "info", s(image)],
+            &needle,
+            &what,
+        );
+        vdisk(&["image", "info", "-U", s(image)]);
+        drop(qsd);
+        let daemon = serve(image, &socket, &["--format", fmt]);
+        stop(daemon);
+    }
+
+    let what = "an image qemu-io holds read-only";
+    let mut reader = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", s(&q)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-io");
+    // qemu-io opens the image before it reads commands; a command's answer proves it has.
+    {
+        use std::io::{BufRead, Write};
+        let mut stdin = reader.stdin.take().expect("stdin");
+        writeln!(stdin, "read 0 512").expect("command qemu-io");
+        let mut line = String::new();
+        std::io::BufReader::new(reader.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("qemu-io answers");
+        refused(
+            e2e::bin("vdisk"),
+            &["serve", "--image", s(&q), "--socket", s(&socket)],
+            "does not share write access",
+            what,
+        );
+        let daemon = serve(&q, &socket, &["--readonly"]);
+        stop(daemon);
+        drop(stdin);
+    }
+    let _ = reader.wait();
+}
+
+/// `vdisk serve` opens the image's path once: probing the format, reading the qcow2
+/// metadata and the I/O engines all use that open file (the engines' descriptor is a
+/// reopen of it through /proc/self/fd, which resolves no path). strace counts the opens.
+#[test]
+fn serve_opens_the_image_once() {
+    if !tools() || !e2e::require("strace (package strace)", e2e::have_program("strace")) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).expect("raw");
+    let q = dir.path().join("disk.qcow2");
+    create(&q, Some(4 * MIB), 64 * KIB, None);
+    let socket = dir.path().join("vdisk.sock");
+    let trace = dir.path().join("strace.log");
+    for (image, extra) in [(&raw, &[][..]), (&q, &[][..]), (&q, &["--direct"][..])] {
+        let mut strace = Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=open,openat,openat2",
+                "-o",
+                s(&trace),
+            ])
+            .arg(e2e::bin("vdisk"))
+            .args(["serve", "--image", s(image), "--socket", s(&socket)])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn strace");
+        e2e::wait_for_socket(&ctl_socket(&socket), Duration::from_secs(30));
+        let log = std::fs::read_to_string(&trace).expect("read the trace");
+        let quoted = format!("\"{}\"", s(image));
+        let opens = log.lines().filter(|l| l.contains(&quoted)).count();
+        // vdisk is strace's child; its exit ends strace.
+        let children = format!("/proc/{}/task/{}/children", strace.id(), strace.id());
+        let pid: i32 = std::fs::read_to_string(&children)
+            .expect("strace's children")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("vdisk's pid");
+        // SAFETY: kill() with a pid we started and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert!(
+            strace.wait().expect("wait strace").success(),
+            "vdisk under strace"
+        );
+        assert_eq!(
+            opens,
+            1,
+            "{} {extra:?}: the path opened {opens} times:\n{log}",
+            image.display()
+        );
+    }
 }

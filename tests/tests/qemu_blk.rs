@@ -422,7 +422,7 @@ fn guest_writes_through_a_qcow2_overlay() {
         ],
     );
     let socket = s.path("vdisk.sock");
-    let daemon = serve(&overlay, &socket, &[]);
+    let daemon = serve(&overlay, &socket, &["--format", "qcow2"]);
 
     // The same regions as (a): a partial 64 KiB cluster at the start, 3 sectors in the
     // middle of one, 1 MiB of whole clusters, the last 4 KiB.

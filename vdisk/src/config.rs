@@ -25,10 +25,16 @@ pub struct ServeArgs {
     /// The image: a regular file or a block device, raw or qcow2.
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// The image's format. `auto` reads the file's first bytes: pin `raw` for an image a
-    /// guest could have written a qcow2 header into [default: auto].
+    /// The image's format. `auto` reads the file's first bytes, and refuses a qcow2 image
+    /// that names a backing file (a guest can write such a header into a raw disk): pin
+    /// `qcow2` for linked clones, `raw` for raw disks [default: auto].
     #[arg(long, value_enum)]
     pub format: Option<FormatKind>,
+    /// A directory besides the image's own where its backing files may live (every file of
+    /// the chain must be a regular file inside one of them); repeat for more. Overrides
+    /// serve.backing_dirs of the config file.
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub backing_dirs: Vec<PathBuf>,
     /// Unix socket to listen on for the vhost-user frontend.
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -91,6 +97,7 @@ pub struct ServeArgs {
 struct FileServe {
     image: Option<PathBuf>,
     format: Option<FormatKind>,
+    backing_dirs: Option<Vec<PathBuf>>,
     socket: Option<PathBuf>,
     control_socket: Option<PathBuf>,
     socket_mode: Option<String>,
@@ -120,6 +127,8 @@ struct FileConfig {
 pub struct ServeConfig {
     pub image: PathBuf,
     pub format: FormatKind,
+    /// Where backing files may live besides the image's directory.
+    pub backing_dirs: Vec<PathBuf>,
     pub socket: PathBuf,
     pub control_socket: PathBuf,
     pub socket_perms: SocketPerms,
@@ -285,9 +294,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             source,
         })?;
+        let backing_dirs = if args.backing_dirs.is_empty() {
+            file.backing_dirs.unwrap_or_default()
+        } else {
+            args.backing_dirs
+        };
         Ok(ServeConfig {
             image,
             format: args.format.or(file.format).unwrap_or(FormatKind::Auto),
+            backing_dirs,
             socket,
             control_socket,
             socket_perms,
@@ -358,7 +373,7 @@ mod tests {
         let path = dir.path().join("v.toml");
         std::fs::write(
             &path,
-            "[serve]\nimage = \"f.img\"\nsocket = \"f.sock\"\nnum_queues = 4\nengine = \"sync\"\n\n[demo]\nsize = \"1G\"\n",
+            "[serve]\nimage = \"f.img\"\nsocket = \"f.sock\"\nnum_queues = 4\nengine = \"sync\"\nbacking_dirs = [\"/golden\", \"/base\"]\n\n[demo]\nsize = \"1G\"\n",
         )
         .expect("write");
         let c = ServeConfig::try_from(ServeArgs {
@@ -371,6 +386,17 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from("cli.sock"));
         assert_eq!(c.num_queues, 4);
         assert_eq!(c.engine, EngineKind::Sync);
+        assert_eq!(
+            c.backing_dirs,
+            [PathBuf::from("/golden"), PathBuf::from("/base")]
+        );
+        let c = ServeConfig::try_from(ServeArgs {
+            config: Some(path.clone()),
+            backing_dirs: vec!["/cli".into()],
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.backing_dirs, [PathBuf::from("/cli")]);
 
         std::fs::write(&path, "[serve]\nimgae = \"typo\"\n").expect("write");
         let e = ServeConfig::try_from(ServeArgs {

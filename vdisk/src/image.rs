@@ -1,20 +1,22 @@
 //! Images: the file (a regular file or a block device) and its format, raw (addressed
 //! byte for byte) or qcow2.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("cannot open image {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Open(#[from] crate::open::OpenError),
+    #[error("cannot read image {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot share the descriptor of image {path}: {source}")]
+    Dup { path: PathBuf, source: io::Error },
     #[error("cannot read the size of image {path}: {source}")]
     Size { path: PathBuf, source: io::Error },
-    #[error("image {path} is not a regular file or block device")]
-    NotAFileOrDevice { path: PathBuf },
     #[error("image {path} is smaller than one 512-byte sector")]
     TooSmall { path: PathBuf },
 }
@@ -38,27 +40,35 @@ pub enum FormatKind {
     Qcow2,
 }
 
-/// Whether the file at `path` starts with the qcow2 magic.
-pub fn looks_like_qcow2(path: &Path) -> Result<bool, ImageError> {
-    use std::io::Read;
+/// Whether `file` (image `path`) starts with the qcow2 magic.
+pub fn looks_like_qcow2(file: &File, path: &Path) -> Result<bool, ImageError> {
     let mut magic = [0u8; 4];
-    let mut f = File::open(path).map_err(|source| ImageError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    match f.read_exact(&mut magic) {
+    match file.read_exact_at(&mut magic, 0) {
         Ok(()) => Ok(magic == crate::qcow2::MAGIC),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(source) => Err(ImageError::Open {
+        Err(source) => Err(ImageError::Read {
             path: path.to_path_buf(),
             source,
         }),
     }
 }
 
+/// `file` shared: one more descriptor of the same open file description (same locks).
+pub fn share(file: &File, path: &Path) -> Result<File, ImageError> {
+    file.try_clone().map_err(|source| ImageError::Dup {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 #[derive(Debug)]
 pub struct RawImage {
+    /// What the engines read and write: a reopen of the image's descriptor (O_DIRECT with
+    /// `--direct`), see [`crate::open::reopen`].
     file: File,
+    /// The descriptor the image was opened and locked through: the locks last as long as
+    /// its open file description.
+    _opened: File,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -69,30 +79,20 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<RawImage, ImageError> {
-        let mut flags = libc::O_CLOEXEC;
-        if direct {
-            flags |= libc::O_DIRECT;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|source| ImageError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+    /// The image `opened` ([`crate::open::open_image`], and locked) holds, for the
+    /// engines.
+    pub fn new(
+        opened: File,
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+    ) -> Result<RawImage, ImageError> {
+        let mut file = crate::open::reopen(&opened, path, !read_only, direct)?;
         let meta = file.metadata().map_err(|source| ImageError::Size {
             path: path.to_path_buf(),
             source,
         })?;
         let is_block_device = meta.file_type().is_block_device();
-        if !is_block_device && !meta.file_type().is_file() {
-            return Err(ImageError::NotAFileOrDevice {
-                path: path.to_path_buf(),
-            });
-        }
         // Seeking to the end gives the size of block devices as well as files.
         let size = file
             .seek(SeekFrom::End(0))
@@ -108,6 +108,7 @@ impl RawImage {
         let nowait_writes = direct || read_only || probe_nowait_write(&file);
         Ok(RawImage {
             file,
+            _opened: opened,
             path: path.to_path_buf(),
             size,
             read_only,

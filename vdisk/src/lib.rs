@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod device;
 pub mod engine;
 pub mod image;
+pub mod open;
 pub mod qcow2;
 pub mod queue;
 pub mod request;

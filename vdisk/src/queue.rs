@@ -742,7 +742,8 @@ mod tests {
     fn fixture(read_only: bool) -> Fixture {
         let mut file = tempfile::NamedTempFile::new().expect("temp image");
         file.write_all(&vec![0u8; IMAGE_SIZE]).expect("fill image");
-        let image = RawImage::open(file.path(), read_only, false).expect("open image");
+        let opened = crate::open::open_image(file.path(), !read_only).expect("open image");
+        let image = RawImage::new(opened, file.path(), read_only, false).expect("image");
         let dev = Device::new(
             Arc::new(image),
             Format::Raw,

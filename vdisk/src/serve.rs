@@ -9,7 +9,8 @@ use vhost_user_backend::VhostUserDaemon;
 use crate::backend::BlkBackend;
 use crate::config::ServeConfig;
 use crate::device::Device;
-use crate::image::{Format, FormatKind, RawImage};
+use crate::image::{Format, FormatKind, ImageError, RawImage};
+use crate::open::Access;
 use crate::qcow2::{OpenOptions, Qcow2};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,18 +45,30 @@ impl SessionHooks<BlkBackend> for Hooks {
 
 pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let termination = common::shutdown::Termination::install().map_err(ServeError::Signals)?;
+    // The one open of the image: probing, qcow2 metadata and the engines share it, and it
+    // is locked before anything is read, as QEMU locks it.
+    let opened = crate::open::open_image(&cfg.image, !cfg.readonly).map_err(ImageError::from)?;
+    let access = if cfg.readonly {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    crate::open::lock(&opened, &cfg.image, access).map_err(ImageError::from)?;
     let qcow2 = match cfg.format {
         FormatKind::Qcow2 => true,
         FormatKind::Raw => false,
-        FormatKind::Auto => crate::image::looks_like_qcow2(&cfg.image)?,
+        FormatKind::Auto => crate::image::looks_like_qcow2(&opened, &cfg.image)?,
     };
     let format = if qcow2 {
         let opts = OpenOptions {
             read_only: cfg.readonly,
             dedupe_index_bytes: cfg.dedupe_index_bytes,
+            backing_dirs: cfg.backing_dirs.clone(),
+            format_probed: cfg.format == FormatKind::Auto,
             ..OpenOptions::default()
         };
-        let mut img = Qcow2::open(&cfg.image, &opts)?;
+        let mut img =
+            Qcow2::from_file(crate::image::share(&opened, &cfg.image)?, &cfg.image, &opts)?;
         if cfg.dedupe {
             img.enable_dedupe(cfg.dedupe_index_bytes)?;
         }
@@ -66,7 +79,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         Format::Raw
     };
-    let image = Arc::new(RawImage::open(&cfg.image, cfg.readonly, cfg.direct)?);
+    let image = Arc::new(RawImage::new(opened, &cfg.image, cfg.readonly, cfg.direct)?);
     let dev = Device::new(
         image.clone(),
         format,

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
+use crate::open::Access;
 use crate::qcow2::{self, Backing, OpenOptions, Qcow2, Qcow2Error};
 
 #[derive(Subcommand, Debug)]
@@ -21,6 +22,25 @@ pub enum ImageCmd {
     /// Copy an image (raw or qcow2, backing chain flattened) into a new raw or qcow2 one;
     /// zero ranges stay unallocated.
     Convert(ConvertArgs),
+}
+
+/// Where backing files may live, for the commands that open a backing chain.
+#[derive(Args, Debug, Default)]
+pub struct ChainArgs {
+    /// A directory besides the image's own where its backing files may live (the chain's
+    /// files must be regular files inside one of them); repeat for more.
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub backing_dirs: Vec<PathBuf>,
+}
+
+impl ChainArgs {
+    fn opts(&self, read_only: bool) -> OpenOptions {
+        OpenOptions {
+            read_only,
+            backing_dirs: self.backing_dirs.clone(),
+            ..OpenOptions::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -41,6 +61,8 @@ pub struct ConvertArgs {
     /// Cluster size of a qcow2 target.
     #[arg(long, value_parser = parse_size, default_value = "64K")]
     pub cluster_size: u64,
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 #[derive(Args, Debug)]
@@ -61,6 +83,8 @@ pub struct CreateArgs {
     /// serve` of it does). 4 KiB clusters find the most duplicates.
     #[arg(long)]
     pub dedupe: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 #[derive(Args, Debug)]
@@ -69,6 +93,12 @@ pub struct InfoArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Read the image even while another process writes it (a serving vdisk, QEMU), as
+    /// `qemu-img info -U` does: what it shows may be out of date or inconsistent.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 #[derive(Args, Debug)]
@@ -77,18 +107,39 @@ pub struct CheckArgs {
     /// Free leaked clusters, fix refcounts and COPIED flags, clear the dirty bit.
     #[arg(long)]
     pub repair: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
     /// Take an internal snapshot.
-    Create { image: PathBuf, name: String },
+    Create {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
     /// List the snapshots.
-    List { image: PathBuf },
+    List {
+        image: PathBuf,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
     /// Delete a snapshot (by name, else by id), freeing what only it referenced.
-    Delete { image: PathBuf, name: String },
+    Delete {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
     /// Return the image to a snapshot's state; the current state is lost.
-    Revert { image: PathBuf, name: String },
+    Revert {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
 }
 
 /// "10G", "512m", "4096", "64K": bytes, binary multiples.
@@ -175,7 +226,7 @@ pub fn run_image(cmd: ImageCmd) -> Result<ExitCode, String> {
 fn create(a: CreateArgs) -> Result<ExitCode, Qcow2Error> {
     let size = match (a.size, &a.backing) {
         (Some(s), _) => s,
-        (None, Some(b)) => Qcow2::backing_size(&a.path, b)?,
+        (None, Some(b)) => Qcow2::backing_size(&a.path, b, &a.chain.backing_dirs)?,
         (None, None) => {
             return Err(Qcow2Error::Invalid {
                 path: a.path.clone(),
@@ -189,7 +240,13 @@ fn create(a: CreateArgs) -> Result<ExitCode, Qcow2Error> {
         qcow2::DEFAULT_CLUSTER_SIZE
     };
     let cs = a.cluster_size.unwrap_or(default_cs);
-    let mut img = Qcow2::create(&a.path, size, cs, a.backing.as_deref())?;
+    let mut img = Qcow2::create_with(
+        &a.path,
+        size,
+        cs,
+        a.backing.as_deref(),
+        &a.chain.backing_dirs,
+    )?;
     if a.dedupe {
         if let Err(e) = img.enable_dedupe(qcow2::DEFAULT_INDEX_BYTES) {
             drop(img);
@@ -285,7 +342,11 @@ fn dedupe_info(img: &mut Qcow2) -> Result<Option<DedupeInfo>, Qcow2Error> {
 }
 
 fn info(a: &InfoArgs) -> Result<ExitCode, Qcow2Error> {
-    let info = match Qcow2::open(&a.path, &OpenOptions::read_only()) {
+    let opts = OpenOptions {
+        force_share: a.force_share,
+        ..a.chain.opts(true)
+    };
+    let info = match Qcow2::open(&a.path, &opts) {
         Ok(mut img) => {
             let dedupe = dedupe_info(&mut img)?;
             let mut chain = Vec::new();
@@ -382,11 +443,7 @@ fn info(a: &InfoArgs) -> Result<ExitCode, Qcow2Error> {
 }
 
 fn check(a: &CheckArgs) -> Result<ExitCode, Qcow2Error> {
-    let opts = OpenOptions {
-        read_only: !a.repair,
-        ..Default::default()
-    };
-    let mut img = Qcow2::open(&a.path, &opts)?;
+    let mut img = Qcow2::open(&a.path, &a.chain.opts(!a.repair))?;
     let mut p = Progress::new(if a.repair { "repairing" } else { "checking" });
     let report = img.check(a.repair, &mut |d, t| p.update(d, t))?;
     p.finish();
@@ -463,13 +520,14 @@ fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
         source,
     };
     let r: Result<(), Qcow2Error> = (|| {
-        let (mut src, size) = match Qcow2::open(&a.source, &OpenOptions::read_only()) {
+        let (mut src, size) = match Qcow2::open(&a.source, &a.chain.opts(true)) {
             Ok(img) => {
                 let size = img.virtual_size();
                 (Source::Qcow2(Box::new(img)), size)
             }
             Err(Qcow2Error::NotQcow2 { .. }) => {
-                let f = std::fs::File::open(&a.source).map_err(|e| io_err(&a.source, "open", e))?;
+                let f = crate::open::open_image(&a.source, false)?;
+                crate::open::lock(&f, &a.source, Access::Read)?;
                 let size = f
                     .metadata()
                     .map_err(|e| io_err(&a.source, "stat", e))?
@@ -498,6 +556,7 @@ fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
             ConvertTo::Raw => {
                 let f = std::fs::File::create_new(&a.target)
                     .map_err(|e| io_err(&a.target, "create", e))?;
+                crate::open::lock(&f, &a.target, Access::Write)?;
                 f.set_len(size)
                     .map_err(|e| io_err(&a.target, "set size", e))?;
                 Target::Raw(f)
@@ -541,31 +600,27 @@ fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
     r.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string())
 }
 
-fn open_rw(path: &Path) -> Result<Qcow2, Qcow2Error> {
-    Qcow2::open(path, &OpenOptions::default())
-}
-
 pub fn run_snapshot(cmd: SnapshotCmd) -> Result<ExitCode, String> {
     let r: Result<(), Qcow2Error> = (|| match cmd {
-        SnapshotCmd::Create { image, name } => {
-            let mut img = open_rw(&image)?;
+        SnapshotCmd::Create { image, name, chain } => {
+            let mut img = Qcow2::open(&image, &chain.opts(false))?;
             img.create_snapshot(&name)?;
             img.close()
         }
-        SnapshotCmd::List { image } => {
-            let img = Qcow2::open(&image, &OpenOptions::read_only())?;
+        SnapshotCmd::List { image, chain } => {
+            let img = Qcow2::open(&image, &chain.opts(true))?;
             list(img.list_snapshots());
             Ok(())
         }
-        SnapshotCmd::Delete { image, name } => {
-            let mut img = open_rw(&image)?;
+        SnapshotCmd::Delete { image, name, chain } => {
+            let mut img = Qcow2::open(&image, &chain.opts(false))?;
             let mut p = Progress::new("deleting snapshot");
             img.delete_snapshot(&name, &mut |d, t| p.update(d, t))?;
             p.finish();
             img.close()
         }
-        SnapshotCmd::Revert { image, name } => {
-            let mut img = open_rw(&image)?;
+        SnapshotCmd::Revert { image, name, chain } => {
+            let mut img = Qcow2::open(&image, &chain.opts(false))?;
             img.revert_snapshot(&name)?;
             img.close()
         }

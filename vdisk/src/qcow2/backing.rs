@@ -1,5 +1,8 @@
 //! The backing chain: raw or qcow2 files opened read-only, at most
 //! [`MAX_BACKING_DEPTH`](super::MAX_BACKING_DEPTH) deep, loops detected by canonical path.
+//! A backing file must be a regular file inside the top image's directory or one of the
+//! extra directories allowed ([`OpenOptions::backing_dirs`]): the names come from image
+//! headers, which whoever writes the image (a guest, for a disk it was given raw) chooses.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -92,13 +95,14 @@ pub fn resolve(image: &Path, name: &Path) -> PathBuf {
 }
 
 /// "qcow2" when the file starts with the qcow2 magic, else "raw".
-pub fn probe_format(image: &Path, name: &Path) -> Result<&'static str> {
-    let path = resolve(image, name);
-    let file =
-        File::open(&path).map_err(|e| backing_err(image, format!("{}: {e}", path.display())))?;
+fn probe_format(file: &File) -> &'static str {
     let mut magic = [0u8; 4];
     let is_qcow2 = file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC;
-    Ok(if is_qcow2 { "qcow2" } else { "raw" })
+    if is_qcow2 {
+        "qcow2"
+    } else {
+        "raw"
+    }
 }
 
 fn backing_err(image: &Path, what: String) -> Qcow2Error {
@@ -108,42 +112,60 @@ fn backing_err(image: &Path, what: String) -> Qcow2Error {
     }
 }
 
-/// Open the backing file `header` names, and its own chain. `seen` holds the canonical
-/// paths of the images above it.
-pub fn open(image: &Path, header: &Header, seen: &mut Vec<PathBuf>) -> Result<Option<Backing>> {
-    // The image being created does not exist yet.
-    let me = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    if seen.contains(&me) {
-        return Err(backing_err(
-            image,
-            "the backing chain loops back to this image".into(),
-        ));
+/// What the opening of one chain shares: where its backing files may live and which
+/// images it holds already.
+#[derive(Debug)]
+pub struct Chain {
+    /// Canonical directories: the top image's and the extra ones allowed.
+    allowed: Vec<PathBuf>,
+    /// Canonical paths of the images opened so far, top first.
+    seen: Vec<PathBuf>,
+}
+
+impl Chain {
+    /// The chain below `top`; backing files may live in `top`'s directory and in
+    /// `extra_dirs`.
+    pub fn new(top: &Path, extra_dirs: &[PathBuf]) -> Result<Chain> {
+        let allowed =
+            crate::open::allowed_dirs(top, extra_dirs).map_err(|e| Qcow2Error::Invalid {
+                path: top.to_path_buf(),
+                what: e.to_string(),
+            })?;
+        // The image being created does not exist yet.
+        let me = std::fs::canonicalize(top).unwrap_or_else(|_| top.to_path_buf());
+        Ok(Chain {
+            allowed,
+            seen: vec![me],
+        })
     }
-    seen.push(me);
+}
+
+/// Open the backing file `header` names, and its own chain, in `chain`.
+pub fn open(image: &Path, header: &Header, chain: &mut Chain) -> Result<Option<Backing>> {
     let Some(name) = &header.backing_file else {
         return Ok(None);
     };
-    if seen.len() > MAX_BACKING_DEPTH {
+    open_named(image, name, header.backing_format.as_deref(), chain).map(Some)
+}
+
+/// Open the backing file `image` names `name` (its format `format`, else probed), and its
+/// own chain.
+pub fn open_named(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+    chain: &mut Chain,
+) -> Result<Backing> {
+    if chain.seen.len() > MAX_BACKING_DEPTH {
         return Err(backing_err(
             image,
             format!("the backing chain is deeper than {MAX_BACKING_DEPTH} images"),
         ));
     }
     let path = resolve(image, Path::new(name));
-    let format = match header.backing_format.as_deref() {
-        Some("raw") => "raw",
-        Some("qcow2") => "qcow2",
-        Some(other) => {
-            return Err(Qcow2Error::Unsupported {
-                path: image.to_path_buf(),
-                feature: format!("backing file format {other:?} (raw and qcow2 are supported)"),
-            })
-        }
-        None => probe_format(image, Path::new(name))?,
-    };
-    let canonical = std::fs::canonicalize(&path)
-        .map_err(|e| backing_err(image, format!("{}: {e}", path.display())))?;
-    if seen.contains(&canonical) {
+    let (file, canonical) = crate::open::open_confined(&path, &chain.allowed)
+        .map_err(|e| backing_err(image, e.to_string()))?;
+    if chain.seen.contains(&canonical) {
         return Err(backing_err(
             image,
             format!(
@@ -152,12 +174,25 @@ pub fn open(image: &Path, header: &Header, seen: &mut Vec<PathBuf>) -> Result<Op
             ),
         ));
     }
+    // Read and relied on: nobody may write it meanwhile (QEMU's rule for backing files).
+    crate::open::lock(&file, &path, crate::open::Access::Read)
+        .map_err(|e| backing_err(image, e.to_string()))?;
+    let format = match format {
+        Some("raw") => "raw",
+        Some("qcow2") => "qcow2",
+        Some(other) => {
+            return Err(Qcow2Error::Unsupported {
+                path: image.to_path_buf(),
+                feature: format!("backing file format {other:?} (raw and qcow2 are supported)"),
+            })
+        }
+        None => probe_format(&file),
+    };
     if format == "raw" {
-        let file = File::open(&path)
-            .map_err(|e| backing_err(image, format!("{}: {e}", path.display())))?;
         let size = file.metadata().map_err(|e| io_err(&path, "stat", e))?.len();
-        return Ok(Some(Backing::Raw { file, path, size }));
+        return Ok(Backing::Raw { file, path, size });
     }
-    let q = Qcow2::open_chain(&path, &OpenOptions::read_only(), seen)?;
-    Ok(Some(Backing::Qcow2(Box::new(q))))
+    chain.seen.push(canonical);
+    let q = Qcow2::open_in_chain(file, &path, &OpenOptions::read_only(), chain)?;
+    Ok(Backing::Qcow2(Box::new(q)))
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
+    #[error(transparent)]
+    Open(#[from] crate::open::OpenError),
     #[error("{path}: {op}: {source}")]
     Io {
         path: PathBuf,
@@ -33,6 +35,12 @@ pub enum Qcow2Error {
     Compressed { path: PathBuf, guest_offset: u64 },
     #[error("{path}: backing file: {what}")]
     Backing { path: PathBuf, what: String },
+    #[error(
+        "{path} was probed as qcow2 (--format auto) and names backing file {backing:?}: a \
+         guest can write such a header into a raw disk, so it is not followed; give \
+         --format qcow2 if this is a linked clone you made, --format raw if it is a raw disk"
+    )]
+    ProbedWithBacking { path: PathBuf, backing: String },
     #[error("{path}: no snapshot named or numbered {name:?}")]
     SnapshotNotFound { path: PathBuf, name: String },
     #[error("{path}: {what}")]

@@ -76,6 +76,7 @@ use self::dedupe::Dedupe;
 use self::io::{io_err, ImageFile};
 use self::map::{Entry, COPIED, OFFSET_MASK, ZERO};
 use self::refcount::Refcounts;
+use crate::open::Access;
 
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
 pub const MIN_CLUSTER_SIZE: u64 = 4 << 10;
@@ -110,6 +111,14 @@ pub struct OpenOptions {
     pub refcount_cache_bytes: u64,
     /// Memory budget of the dedupe index, for images marked for dedupe.
     pub dedupe_index_bytes: u64,
+    /// Directories besides the image's own where its backing files may live.
+    pub backing_dirs: Vec<PathBuf>,
+    /// The format was probed (`--format auto`), not given: an image that names a backing
+    /// file is refused and the file is never opened. A guest can write a qcow2 header into
+    /// a raw disk it was given; it must not choose host files for us to read.
+    pub format_probed: bool,
+    /// A read-only open that tolerates writers (QEMU's `-U`): no lock keeps them out.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -119,6 +128,9 @@ impl Default for OpenOptions {
             l2_cache_bytes: AUTO_CACHE_BYTES,
             refcount_cache_bytes: AUTO_CACHE_BYTES,
             dedupe_index_bytes: DEFAULT_INDEX_BYTES,
+            backing_dirs: Vec::new(),
+            format_probed: false,
+            force_share: false,
         }
     }
 }
@@ -242,25 +254,33 @@ fn read_be64s(raw: &[u8]) -> Vec<u64> {
 }
 
 impl Qcow2 {
-    /// Open an image. A writable open also needs the backing chain (opened read-only).
+    /// Open an image, locked as QEMU locks it: writable, nobody else may write it or hold
+    /// it writable; read-only, nobody else may hold it writable (unless
+    /// `opts.force_share`). The backing chain is opened read-only and locked likewise.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
-        let mut seen = Vec::new();
-        Qcow2::open_chain(path, opts, &mut seen)
+        let file = crate::open::open_image(path, !opts.read_only)?;
+        let access = match (opts.read_only, opts.force_share) {
+            (false, _) => Access::Write,
+            (true, false) => Access::Read,
+            (true, true) => Access::ReadShared,
+        };
+        crate::open::lock(&file, path, access)?;
+        Qcow2::from_file(file, path, opts)
     }
 
-    pub(crate) fn open_chain(
+    /// Open the image `file` holds (opened with [`crate::open::open_image`] and locked by
+    /// the caller): its metadata is read through it.
+    pub fn from_file(file: File, path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+        let mut chain = backing::Chain::new(path, &opts.backing_dirs)?;
+        Qcow2::open_in_chain(file, path, opts, &mut chain)
+    }
+
+    pub(crate) fn open_in_chain(
+        file: File,
         path: &Path,
         opts: &OpenOptions,
-        seen: &mut Vec<PathBuf>,
+        chain: &mut backing::Chain,
     ) -> Result<Qcow2> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(|e| io_err(path, "open", e))?;
-        if !opts.read_only {
-            lock_exclusive(&file, path)?;
-        }
         let io = ImageFile::new(file, path)?;
         let mut start = vec![0u8; io.len().min(104) as usize];
         io.file()
@@ -342,7 +362,13 @@ impl Qcow2 {
                 }
             }
         }
-        img.backing = backing::open(path, &img.header, seen)?.map(Box::new);
+        if let (true, Some(name)) = (opts.format_probed, &img.header.backing_file) {
+            return Err(Qcow2Error::ProbedWithBacking {
+                path: path.to_path_buf(),
+                backing: name.clone(),
+            });
+        }
+        img.backing = backing::open(path, &img.header, chain)?.map(Box::new);
 
         if img.header.dirty() {
             if img.read_only {
@@ -380,12 +406,24 @@ impl Qcow2 {
     /// Create a new image (refusing to overwrite an existing file) and open it writable.
     /// `size` is rounded up to a multiple of 512. The backing file's format (raw or
     /// qcow2) is detected and recorded in the backing-format header extension; the name
-    /// is stored as given (relative names are relative to the new image's directory).
+    /// is stored as given (relative names are relative to the new image's directory). The
+    /// backing file must live in the new image's directory.
     pub fn create(
         path: &Path,
         size: u64,
         cluster_size: u64,
         backing_file: Option<&Path>,
+    ) -> Result<Qcow2> {
+        Qcow2::create_with(path, size, cluster_size, backing_file, &[])
+    }
+
+    /// [`Qcow2::create`], with the backing file allowed in `backing_dirs` too.
+    pub fn create_with(
+        path: &Path,
+        size: u64,
+        cluster_size: u64,
+        backing_file: Option<&Path>,
+        backing_dirs: &[PathBuf],
     ) -> Result<Qcow2> {
         let invalid = |what: String| Qcow2Error::Invalid {
             path: path.to_path_buf(),
@@ -422,10 +460,11 @@ impl Qcow2 {
             let name = b
                 .to_str()
                 .ok_or_else(|| invalid("backing file name is not UTF-8".into()))?;
-            header.backing_file = Some(name.to_string());
-            header.backing_format = Some(backing::probe_format(path, b)?.to_string());
             // Open the chain now, so that a bad backing file fails the create.
-            backing::open(path, &header, &mut Vec::new())?;
+            let mut chain = backing::Chain::new(path, backing_dirs)?;
+            let base = backing::open_named(path, name, None, &mut chain)?;
+            header.backing_file = Some(name.to_string());
+            header.backing_format = Some(base.format().to_string());
         }
         header.refcount_table_offset = cluster_size;
         header.refcount_table_clusters = 1;
@@ -439,6 +478,7 @@ impl Qcow2 {
             .create_new(true)
             .open(path)
             .map_err(|e| io_err(path, "create", e))?;
+        crate::open::lock(&file, path, Access::Write)?;
         let mut io = ImageFile::new(file, path)?;
         let cs = cluster_size as usize;
         let mut table = vec![0u8; cs];
@@ -457,18 +497,22 @@ impl Qcow2 {
         io.write(0, &hdr, "header")?;
         io.sync()?;
         drop(io);
-        Qcow2::open(path, &OpenOptions::default())
+        let opts = OpenOptions {
+            backing_dirs: backing_dirs.to_vec(),
+            ..OpenOptions::default()
+        };
+        Qcow2::open(path, &opts)
     }
 
-    /// Virtual size of `backing` (raw or qcow2), named as it would be from `image`.
-    pub fn backing_size(image: &Path, backing: &Path) -> Result<u64> {
-        let path = backing::resolve(image, backing);
-        if backing::probe_format(image, backing)? == "qcow2" {
-            return Ok(Qcow2::open(&path, &OpenOptions::read_only())?.virtual_size());
-        }
-        Ok(std::fs::metadata(&path)
-            .map_err(|e| io_err(&path, "stat", e))?
-            .len())
+    /// Virtual size of `backing` (raw or qcow2), named as it would be from `image`, which
+    /// may name backing files in its own directory and in `backing_dirs`.
+    pub fn backing_size(image: &Path, backing: &Path, backing_dirs: &[PathBuf]) -> Result<u64> {
+        let name = backing.to_str().ok_or_else(|| Qcow2Error::Invalid {
+            path: image.to_path_buf(),
+            what: "backing file name is not UTF-8".into(),
+        })?;
+        let mut chain = backing::Chain::new(image, backing_dirs)?;
+        Ok(backing::open_named(image, name, None, &mut chain)?.size())
     }
 
     pub fn path(&self) -> &Path {
@@ -956,27 +1000,6 @@ impl Qcow2 {
         }
         Ok(())
     }
-}
-
-/// One writer per image: a second `vdisk serve`, or an offline snapshot or repair while
-/// a daemon serves the image, would corrupt it. The lock goes with the process, so a
-/// crashed daemon leaves none behind.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on an fd we own, with plain flags.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(Qcow2Error::Invalid {
-            path: path.to_path_buf(),
-            what: "the image is in use: open for writing by another process (a running \
-                   `vdisk serve`? use `vdisk ctl` on its control socket)"
-                .to_string(),
-        });
-    }
-    Err(io_err(path, "lock", e))
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {

@@ -567,6 +567,149 @@ fn backing_chain_loops_and_depth_are_refused() {
     panic!("a chain of 18 images was accepted");
 }
 
+/// Make `path` (a fresh image of ours, no backing file) name `name` as its backing file,
+/// with no format extension: what a hostile header looks like.
+fn name_backing(path: &Path, name: &str) {
+    const AT: u64 = 0x2000;
+    patch(path, 8, &AT.to_be_bytes());
+    patch(path, 16, &(name.len() as u32).to_be_bytes());
+    patch(path, AT, name.as_bytes());
+}
+
+fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Run `f` on another thread; fail if it does not return within 10 s (an open of a FIFO
+/// without a writer blocks forever).
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}: blocked for 10 s (opened a FIFO?)"))
+}
+
+#[test]
+fn backing_files_outside_the_allowed_dirs_or_not_regular_are_refused() {
+    let d = tmp();
+    let vm = d.path().join("vm");
+    let golden = d.path().join("golden");
+    std::fs::create_dir_all(&vm).expect("mkdir");
+    std::fs::create_dir_all(&golden).expect("mkdir");
+    let secret = d.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5e; MIB as usize]).expect("secret");
+    std::os::unix::fs::symlink(&secret, vm.join("link.raw")).expect("symlink");
+    mkfifo(&vm.join("pipe.raw"));
+    let img = |n: &str| {
+        let p = vm.join(n);
+        Qcow2::create(&p, MIB, 65536, None)
+            .expect("create")
+            .close()
+            .expect("close");
+        p
+    };
+    let secret_abs = secret.to_str().expect("utf-8").to_string();
+    for (n, name, needle) in [
+        ("dotdot.qcow2", "../secret.raw", "outside"),
+        ("absolute.qcow2", secret_abs.as_str(), "outside"),
+        ("symlink.qcow2", "link.raw", "outside"),
+        ("fifo.qcow2", "pipe.raw", "a FIFO"),
+        ("zero.qcow2", "/dev/zero", "outside"),
+        ("dir.qcow2", ".", "a directory"),
+    ] {
+        let p = img(n);
+        name_backing(&p, name);
+        let e = within_10s(name, move || {
+            Qcow2::open(&p, &OpenOptions::read_only()).map(|_| ())
+        })
+        .expect_err(name)
+        .to_string();
+        assert!(e.contains(needle), "{name}: {e}");
+    }
+    // A device inside an allowed directory is still not a regular file.
+    let p = img("zero-allowed.qcow2");
+    name_backing(&p, "/dev/zero");
+    let opts = OpenOptions {
+        backing_dirs: vec!["/dev".into()],
+        ..OpenOptions::read_only()
+    };
+    let e = Qcow2::open(&p, &opts).expect_err("device").to_string();
+    assert!(e.contains("a character device"), "{e}");
+
+    // Legitimate ones: relative in the same directory, and in an allowed extra one, by
+    // absolute and by relative name.
+    let pattern: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
+    std::fs::write(vm.join("base.raw"), &pattern).expect("base");
+    std::fs::write(golden.join("gold.raw"), &pattern).expect("gold");
+    let gold_abs = golden.join("gold.raw").to_str().expect("utf-8").to_string();
+    let with_golden = OpenOptions {
+        backing_dirs: vec![golden.clone()],
+        ..OpenOptions::read_only()
+    };
+    for (n, name, opts) in [
+        ("same.qcow2", "base.raw", OpenOptions::read_only()),
+        ("gold-abs.qcow2", gold_abs.as_str(), with_golden.clone()),
+        ("gold-rel.qcow2", "../golden/gold.raw", with_golden.clone()),
+    ] {
+        let p = img(n);
+        name_backing(&p, name);
+        let mut q = Qcow2::open(&p, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(read_all(&mut q) == pattern, "{name}: reads the base");
+    }
+    let p = img("gold-denied.qcow2");
+    name_backing(&p, &gold_abs);
+    let e = Qcow2::open(&p, &OpenOptions::read_only())
+        .expect_err("not allowed without the extra dir")
+        .to_string();
+    assert!(e.contains("--backing-dir"), "{e}");
+    // Creating a clone checks the same way.
+    let e = Qcow2::create(&vm.join("new.qcow2"), MIB, 65536, Some(&secret))
+        .expect_err("create over a base outside")
+        .to_string();
+    assert!(e.contains("outside"), "{e}");
+    Qcow2::create_with(
+        &vm.join("new.qcow2"),
+        MIB,
+        65536,
+        Some(&golden.join("gold.raw")),
+        std::slice::from_ref(&golden),
+    )
+    .expect("create over an allowed base");
+}
+
+/// A probed image (`--format auto`) that names a backing file is refused before the name
+/// is even resolved: a FIFO there would block the open, a regular file would be read.
+#[test]
+fn probed_images_naming_a_backing_file_are_refused_unopened() {
+    let d = tmp();
+    mkfifo(&d.path().join("pipe.raw"));
+    std::fs::write(d.path().join("base.raw"), vec![1u8; MIB as usize]).expect("base");
+    let probed = OpenOptions {
+        format_probed: true,
+        ..OpenOptions::default()
+    };
+    for name in ["pipe.raw", "base.raw"] {
+        let p = fresh(&d, &format!("{name}.qcow2"));
+        name_backing(&p, name);
+        let opts = probed.clone();
+        let e = within_10s(name, move || Qcow2::open(&p, &opts).map(|_| ()))
+            .expect_err(name)
+            .to_string();
+        assert!(
+            e.contains("--format qcow2") && e.contains(name),
+            "{name}: {e}"
+        );
+    }
+    // Without a backing file, a probed qcow2 image opens.
+    let p = fresh(&d, "plain.qcow2");
+    Qcow2::open(&p, &probed).expect("probed, no backing file");
+}
+
 #[test]
 fn dirty_bit_is_repaired_on_writable_open() {
     let d = tmp();
