@@ -509,6 +509,47 @@ fn run(setup: MemSetup, engine: &str) {
     assert_ok("indirect READ", &done, c.len() as u32 + 1);
     assert!(got == c, "indirect READ returned other data than stored");
 
+    // SIZE_MAX, as advertised, is enforced: one data descriptor of exactly size_max is
+    // served, one sector more is refused.
+    let size_max = le32(&blk_config(&mut s.fe), cfg::SIZE_MAX);
+    let base = s.layout.data_base;
+    let done = s.request(VIRTIO_BLK_T_IN, 0, &[wo(base, size_max)], false);
+    assert_ok("READ of one size_max descriptor", &done, size_max + 1);
+    let bad_length = |socket: &Path| {
+        let out = std::process::Command::new(e2e::bin("vdisk"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg({
+                let mut c = socket.as_os_str().to_owned();
+                c.push(".ctl");
+                PathBuf::from(c)
+            })
+            .args(["--json", "stats"])
+            .output()
+            .expect("vdisk ctl stats");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+        v["counters"]["err_bad_length"]
+            .as_u64()
+            .expect("err_bad_length")
+    };
+    let before = bad_length(&fx.socket);
+    // Half of it at the disk's start (capacity is 1 MiB): refused for its descriptor's
+    // size, not for the range.
+    let done = s.request(VIRTIO_BLK_T_IN, 0, &[wo(base, size_max / 2 + 512)], false);
+    assert_ok("READ of half size_max", &done, size_max / 2 + 512 + 1);
+    let done = s.request(VIRTIO_BLK_T_IN, 0, &[wo(base, size_max + 512)], false);
+    assert_status(
+        "READ of a descriptor over size_max",
+        &done,
+        VIRTIO_BLK_S_IOERR,
+    );
+    assert_eq!(
+        bad_length(&fx.socket),
+        before + 1,
+        "a descriptor over size_max is refused as a bad length"
+    );
+    assert_alive(&mut daemon, "a descriptor over size_max");
+
     // Step 4: the writeback byte is the one writable config field.
     s.fe.set_config(cfg::WRITEBACK as u32, VhostUserConfigFlags::WRITABLE, &[0])
         .expect("SET_CONFIG of writeback=0 must be accepted");

@@ -77,6 +77,8 @@ impl Device {
         let limits = Limits {
             capacity_sectors: size >> SECTOR_SHIFT,
             read_only: image.read_only(),
+            max_segments: u32::from(queue_size) - 2,
+            max_segment_len: SIZE_MAX,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,

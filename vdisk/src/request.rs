@@ -35,6 +35,12 @@ pub const MAX_IOVECS: usize = 1024;
 pub struct Limits {
     pub capacity_sectors: u64,
     pub read_only: bool,
+    /// SEG_MAX: the most data descriptors a request may have (the header and the status
+    /// may have one each besides).
+    pub max_segments: u32,
+    /// SIZE_MAX: the largest data descriptor (one that also holds the header or the
+    /// status may be that much longer).
+    pub max_segment_len: u32,
     pub max_discard_sectors: u32,
     pub max_discard_seg: u32,
     pub max_write_zeroes_sectors: u32,
@@ -95,6 +101,12 @@ pub enum RequestError {
     },
     #[error("bad length: {0}")]
     BadLength(&'static str),
+    #[error(
+        "{n} descriptors, over the {max} data segments advertised (SEG_MAX) and header and status"
+    )]
+    TooManySegments { n: usize, max: u32 },
+    #[error("a {len}-byte descriptor, over the {max} bytes advertised (SIZE_MAX)")]
+    SegmentTooLarge { len: u64, max: u32 },
     #[error("write to a read-only device")]
     ReadOnly,
     #[error("unsupported request type {0}")]
@@ -118,7 +130,9 @@ impl RequestError {
             RequestError::ShortHeader(_) => &s.err_short_header,
             RequestError::MissingStatus => &s.err_missing_status,
             RequestError::BeyondCapacity { .. } => &s.err_beyond_capacity,
-            RequestError::BadLength(_) => &s.err_bad_length,
+            RequestError::BadLength(_)
+            | RequestError::TooManySegments { .. }
+            | RequestError::SegmentTooLarge { .. } => &s.err_bad_length,
             RequestError::ReadOnly => &s.err_read_only,
             RequestError::Unsupported(_) => &s.err_unsupported,
         }
@@ -350,6 +364,12 @@ where
     let mut read_bytes = 0u64;
     let mut write_bytes = 0u64;
     let mut wrong_direction = false;
+    // What we keep of a chain is bounded by what was advertised; past that only the
+    // count goes on, and the last writable descriptor (for the status byte).
+    let max_descs = limits.max_segments as usize + 2;
+    let max_len = u64::from(limits.max_segment_len) + HEADER_LEN as u64;
+    let (mut descs, mut oversized) = (0usize, None);
+    let mut last_writable: Option<Seg> = None;
 
     for desc in chain {
         let seg = Seg {
@@ -359,25 +379,35 @@ where
         if seg.len == 0 {
             continue;
         }
+        descs += 1;
+        if seg.len > max_len {
+            oversized.get_or_insert(seg.len);
+        }
+        let keep = descs <= max_descs;
         if desc.is_write_only() {
             write_bytes += seg.len;
-            writable.push(seg);
+            last_writable = Some(seg);
+            if keep {
+                writable.push(seg);
+            }
         } else {
-            if !writable.is_empty() {
+            if last_writable.is_some() {
                 wrong_direction = true;
             }
             read_bytes += seg.len;
-            readable.push(seg);
+            if keep {
+                readable.push(seg);
+            }
         }
     }
 
     // The status byte: the last writable byte, if it lies in guest memory.
-    let status = writable.last().and_then(|s| {
+    let status = last_writable.and_then(|s| {
         let addr = s.addr.checked_add(s.len - 1)?;
         GuestMemoryBackend::check_range(mem, addr, 1).then_some(addr)
     });
     let Some(status) = status else {
-        let error = match writable.last() {
+        let error = match last_writable {
             None => RequestError::MissingStatus,
             Some(last) => RequestError::DescOutOfBounds {
                 addr: last.addr.raw_value(),
@@ -397,6 +427,18 @@ where
     };
     if wrong_direction {
         return Err(reject(RequestError::WrongDirection));
+    }
+    if descs > max_descs {
+        return Err(reject(RequestError::TooManySegments {
+            n: descs,
+            max: limits.max_segments,
+        }));
+    }
+    if let Some(len) = oversized {
+        return Err(reject(RequestError::SegmentTooLarge {
+            len,
+            max: limits.max_segment_len,
+        }));
     }
     if read_bytes < HEADER_LEN as u64 {
         return Err(reject(RequestError::ShortHeader(read_bytes)));
@@ -528,6 +570,8 @@ mod tests {
         Limits {
             capacity_sectors: CAPACITY,
             read_only,
+            max_segments: 4,
+            max_segment_len: 8192,
             max_discard_sectors: 1 << 22,
             max_discard_seg: 4,
             max_write_zeroes_sectors: 1 << 22,
@@ -615,6 +659,42 @@ mod tests {
         );
         assert_eq!(req.iovecs.len(), 2, "one iovec per memory region");
         assert_eq!(req.used_len, 1);
+    }
+
+    /// Before: SEG_MAX and SIZE_MAX were advertised but not enforced, so a guest could
+    /// make every request carry thousands of segments of any size.
+    #[test]
+    fn seg_max_and_size_max_are_enforced() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        // 4 data segments (the limit): fine.
+        let four: Vec<RawDescriptor> = std::iter::once(rd(HDR, 16))
+            .chain((0..4).map(|i| wr(DATA + i * 512, 512)))
+            .chain(std::iter::once(wr(STATUS, 1)))
+            .collect();
+        assert!(run(&m, &four, false).is_ok());
+        // 5: refused, with the status byte still found and written.
+        let five: Vec<RawDescriptor> = std::iter::once(rd(HDR, 16))
+            .chain((0..5).map(|i| wr(DATA + i * 512, 512)))
+            .chain(std::iter::once(wr(STATUS, 1)))
+            .collect();
+        let r = rejected(run(&m, &five, false));
+        assert_eq!(r.error, RequestError::TooManySegments { n: 7, max: 4 });
+        assert_eq!(r.status, Some(GuestAddress(STATUS)));
+        // One segment over SIZE_MAX (8 KiB here); a header or status byte on top is not.
+        let r = rejected(run(
+            &m,
+            &[rd(HDR, 16), wr(DATA, 8192 + 512), wr(STATUS, 1)],
+            false,
+        ));
+        assert_eq!(
+            r.error,
+            RequestError::SegmentTooLarge {
+                len: 8704,
+                max: 8192
+            }
+        );
+        assert!(run(&m, &[rd(HDR, 16), wr(DATA, 8192 + 1)], false).is_ok());
     }
 
     #[test]

@@ -100,6 +100,11 @@ fn fill_iovecs(iovecs: &[libc::iovec], data: Option<&[u8]>) {
     }
 }
 
+/// The most a request copies through a buffer of ours at once (a dedupe write's bytes,
+/// a read from the backing chain): a request may carry SEG_MAX x SIZE_MAX bytes, and the
+/// buffer must not grow with what a guest sends.
+const CHUNK: u64 = 1 << 20;
+
 thread_local! {
     static GATHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -163,16 +168,23 @@ pub fn plan_read(
                 slice_iovecs(iovecs, done, n, &mut piece);
                 fill_iovecs(&piece, None);
             }
+            ExtentKind::Unallocated if image.backing().is_some() => {
+                let mut buf = Vec::new();
+                let mut at = 0usize;
+                while at < n {
+                    let len = (n - at).min(CHUNK as usize);
+                    buf.resize(len, 0);
+                    image.read_backing(offset + (done + at) as u64, &mut buf)?;
+                    piece.clear();
+                    slice_iovecs(iovecs, done + at, len, &mut piece);
+                    fill_iovecs(&piece, Some(&buf));
+                    at += len;
+                }
+            }
             ExtentKind::Unallocated => {
                 piece.clear();
                 slice_iovecs(iovecs, done, n, &mut piece);
-                if image.backing().is_some() {
-                    let mut buf = vec![0u8; n];
-                    image.read_backing(offset + done as u64, &mut buf)?;
-                    fill_iovecs(&piece, Some(&buf));
-                } else {
-                    fill_iovecs(&piece, None);
-                }
+                fill_iovecs(&piece, None);
             }
         }
         done += n;
@@ -200,12 +212,25 @@ pub fn write(
     let mut image = lock(q);
     if image.dedupe_on() {
         // Dedupe decides where each cluster goes from its bytes: gather them first (into
-        // this thread's buffer, kept between requests).
-        GATHER.with_borrow_mut(|data| {
-            data.resize(total, 0);
-            gather_iovecs(iovecs, data);
-            image.write(offset, data)
-        })?;
+        // this thread's buffer, kept between requests), a bounded chunk of whole
+        // clusters at a time.
+        let cs = image.cluster_size();
+        let step = CHUNK.max(cs) / cs * cs;
+        let end = offset + total as u64;
+        let mut at = offset;
+        let mut piece = Vec::new();
+        while at < end {
+            let next = (at / cs * cs + step).min(end);
+            let len = (next - at) as usize;
+            piece.clear();
+            slice_iovecs(iovecs, (at - offset) as usize, len, &mut piece);
+            GATHER.with_borrow_mut(|data| {
+                data.resize(len, 0);
+                gather_iovecs(&piece, data);
+                image.write(at, data)
+            })?;
+            at = next;
+        }
         if dsync {
             image.flush()?;
         }
@@ -339,5 +364,41 @@ mod tests {
             out[0][4608..].iter().all(|&x| x == 7),
             "copy-on-write kept the base"
         );
+    }
+
+    /// Before: a dedupe write gathered the whole request into one buffer, and a read from
+    /// the backing chain read a whole extent into one: a guest sending SEG_MAX x SIZE_MAX
+    /// bytes made the daemon allocate that much. Now a chunk at a time, same bytes.
+    #[test]
+    fn large_requests_go_through_bounded_buffers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.raw");
+        let base_bytes: Vec<u8> = (0..8u64 << 20).map(|i| (i / 4096) as u8 | 1).collect();
+        std::fs::write(&base, &base_bytes).expect("base");
+        let mut img =
+            Qcow2::create(&dir.path().join("t.qcow2"), 8 << 20, 4096, Some(&base)).expect("create");
+        img.enable_dedupe(1 << 16).expect("dedupe");
+        let q = Mutex::new(img);
+        // 3 MiB + 8 KiB at 4 KiB, duplicated clusters among them, in two iovecs.
+        let len = (3 << 20) + 8192;
+        let mut data: Vec<u8> = (0..len).map(|i| ((i / 4096) % 7) as u8 + 2).collect();
+        let (a, b) = data.split_at_mut(len / 3);
+        write(&q, 4096, &[iov(a), iov(b)], false).expect("write");
+        let gathered = GATHER.with_borrow(|g| g.capacity());
+        assert!(
+            gathered <= (CHUNK + 4096) as usize,
+            "gather buffer {gathered}"
+        );
+        let mut out = vec![vec![0u8; 6 << 20]];
+        read(&q, 0, &mut out);
+        let want: Vec<u8> = base_bytes[..4096]
+            .iter()
+            .chain(data.iter())
+            .chain(&base_bytes[4096 + len..6 << 20])
+            .copied()
+            .collect();
+        assert!(out[0] == want, "read back differs");
+        let s = lock(&q).dedupe_stats().expect("dedupe stats");
+        assert!(s.hits > 700, "{s:?}");
     }
 }

@@ -59,17 +59,22 @@ impl CheckReport {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Use {
-    Free,
+    Free = 0,
     /// Header, L1 tables, refcount table and blocks, snapshot table: one owner only.
     Unique,
     L2,
     Data,
 }
 
+/// What the walk found, per cluster of the file. Both vectors start as zeros, which the
+/// allocator hands out as untouched pages: a sparse hostile image claiming a huge file
+/// costs address space, not memory, beyond the clusters its tables really name.
 struct Tally {
     counts: Vec<u16>,
-    uses: Vec<Use>,
+    /// `Use` as bytes (0 is `Free`).
+    uses: Vec<u8>,
     cluster_bits: u32,
     corruptions: Vec<String>,
 }
@@ -86,7 +91,12 @@ impl Tally {
             ));
             return;
         };
-        let prev = self.uses[i];
+        let prev = match self.uses[i] {
+            0 => Use::Free,
+            1 => Use::Unique,
+            2 => Use::L2,
+            _ => Use::Data,
+        };
         let clash = match (prev, kind) {
             (Use::Free, _) => false,
             (Use::Unique, _) | (_, Use::Unique) => true,
@@ -99,7 +109,7 @@ impl Tally {
             ));
         }
         if prev == Use::Free || kind == Use::Unique {
-            self.uses[i] = kind;
+            self.uses[i] = kind as u8;
         }
         self.counts[i] = self.counts[i].saturating_add(1);
     }
@@ -184,17 +194,14 @@ impl Qcow2 {
             .ok_or_else(|| self.io.corrupt("the file is too large to check".into()))?;
         let mut t = Tally {
             counts: vec![0; n],
-            uses: vec![Use::Free; n],
+            uses: vec![0; n],
             cluster_bits: self.cluster_bits,
             corruptions: Vec::new(),
         };
         t.add(0, Use::Unique, "header");
-        let snap_l1s: Vec<Vec<u64>> = self
-            .snapshots
-            .clone()
-            .iter()
-            .map(|s| self.read_l1_at(s.l1_table_offset, s.l1_size))
-            .collect::<Result<_>>()?;
+        // Each snapshot's L1 table is read when its turn comes: up to 65536 of 32 MiB each
+        // would not fit in memory at once.
+        let snap_l1_entries: u64 = self.snapshots.iter().map(|s| u64::from(s.l1_size)).sum();
         // Clusters to compare: the file's, and those past its end that an existing
         // refcount block describes (a stored refcount there is a leak).
         let per_block_bits = self.cluster_bits - 1;
@@ -207,8 +214,7 @@ impl Qcow2 {
             }
         }
         let covered = file_clusters + beyond.iter().map(|r| r.end - r.start).sum::<u64>();
-        let total =
-            self.l1.len() as u64 + snap_l1s.iter().map(|l| l.len() as u64).sum::<u64>() + covered;
+        let total = self.l1.len() as u64 + snap_l1_entries + covered;
         let mut done = 0u64;
         if !self.l1.is_empty() {
             t.add_range(
@@ -220,7 +226,8 @@ impl Qcow2 {
         }
         let l1 = self.l1.clone();
         self.tally_tree(&mut t, &l1, &mut done, total, progress)?;
-        for (s, l1) in self.snapshots.clone().iter().zip(&snap_l1s) {
+        for s in self.snapshots.clone().iter() {
+            let l1 = self.read_l1_at(s.l1_table_offset, s.l1_size)?;
             if s.l1_size > 0 {
                 t.add_range(
                     s.l1_table_offset,
@@ -229,7 +236,7 @@ impl Qcow2 {
                     "snapshot L1 table",
                 );
             }
-            self.tally_tree(&mut t, l1, &mut done, total, progress)?;
+            self.tally_tree(&mut t, &l1, &mut done, total, progress)?;
         }
         if self.header.nb_snapshots > 0 {
             let bytes = super::snapshot::table_bytes(&self.snapshots);
