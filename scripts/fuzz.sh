@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Build the qcow2 fuzz target (fuzz/, libFuzzer through the libfuzzer-sys crate) and run it
-# for SECONDS (default 60) over the committed seed corpus.
+# Build the fuzz targets (fuzz/, libFuzzer through the libfuzzer-sys crate) and run each for
+# SECONDS (default 60) over its committed seed corpus:
+#   qcow2_open      the qcow2 open and metadata paths on a hostile image
+#   blk_request     vdisk's virtio-blk request parsing of hostile descriptor chains
+#   vswitch_frames  vswitch's ring walker, frame parse, VLAN rules, copy and FDB
 #
 #   scripts/fuzz.sh [SECONDS] [extra libFuzzer flags...]
+#   FUZZ_TARGETS="blk_request" scripts/fuzz.sh 30     # some of them
 #
 # Works on stable Rust: no cargo-fuzz CLI and no nightly. It does what `cargo fuzz build
 # --sanitizer none` does: a release build with SanitizerCoverage instrumentation
@@ -13,24 +17,23 @@
 # AddressSanitizer (that needs nightly's -Zsanitizer); the code under test is safe Rust, so
 # an out-of-bounds access is a panic, which libFuzzer reports as a crash.
 #
-# New inputs go to a scratch corpus ($FUZZ_SCRATCH, default fuzz/scratch/qcow2_open), never
-# into the committed fuzz/corpus/qcow2_open; crashing inputs go to fuzz/artifacts/. Exits
-# non-zero on a crash, leak-free OOM (-rss_limit_mb / -malloc_limit_mb) or timeout.
+# New inputs go to a scratch corpus (fuzz/scratch/TARGET), never into the committed
+# fuzz/corpus/TARGET; crashing inputs go to fuzz/artifacts/TARGET. Exits non-zero on a
+# crash, leak-free OOM (-rss_limit_mb / -malloc_limit_mb) or timeout in any target.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SECONDS_TO_RUN="${1:-60}"
 shift || true
-TARGET=qcow2_open
+TARGETS="${FUZZ_TARGETS:-qcow2_open blk_request vswitch_frames}"
 FUZZ="$ROOT/fuzz"
-SEEDS="$FUZZ/corpus/$TARGET"
-SCRATCH="${FUZZ_SCRATCH:-$FUZZ/scratch/$TARGET}"
-ARTIFACTS="$FUZZ/artifacts/$TARGET"
 
 command -v cargo >/dev/null || { echo "fuzz.sh: cargo not found" >&2; exit 1; }
 command -v c++ >/dev/null || command -v g++ >/dev/null ||
     { echo "fuzz.sh: a C++ compiler is needed to build libFuzzer (apt-get install g++)" >&2; exit 1; }
-[ -d "$SEEDS" ] || { echo "fuzz.sh: no seed corpus at $SEEDS" >&2; exit 1; }
+for t in $TARGETS; do
+    [ -d "$FUZZ/corpus/$t" ] || { echo "fuzz.sh: no seed corpus at $FUZZ/corpus/$t" >&2; exit 1; }
+done
 
 HOST="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTFLAGS="${RUSTFLAGS:-} --cfg fuzzing -Cpasses=sancov-module \
@@ -43,15 +46,15 @@ export RUSTFLAGS="${RUSTFLAGS:-} --cfg fuzzing -Cpasses=sancov-module \
 # workspace's.
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$FUZZ/target}"
 
-echo "== fuzz: building $TARGET ($HOST, $(rustc --version)) =="
+echo "== fuzz: building $TARGETS ($HOST, $(rustc --version)) =="
 build_start=$(date +%s)
-cargo build --release --locked --manifest-path "$FUZZ/Cargo.toml" --target "$HOST" --bin "$TARGET"
+BINS=()
+for t in $TARGETS; do BINS+=(--bin "$t"); done
+cargo build --release --locked --manifest-path "$FUZZ/Cargo.toml" --target "$HOST" "${BINS[@]}"
 echo "fuzz: build took $(($(date +%s) - build_start)) s"
-BIN="$CARGO_TARGET_DIR/$HOST/release/$TARGET"
 
-mkdir -p "$SCRATCH" "$ARTIFACTS"
 LOG="$(mktemp -d)"
-# The images the target writes (sparse files that may be large): on tmpfs when there is one.
+# The images qcow2_open writes (sparse files that may be large): on tmpfs when there is one.
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then
     export VDISK_FUZZ_DIR="$(mktemp -d -p /dev/shm vdisk-fuzz.XXXXXX)"
 else
@@ -59,32 +62,42 @@ else
 fi
 trap 'rm -rf "$LOG" "$VDISK_FUZZ_DIR"' EXIT
 
-echo "== fuzz: running $TARGET for ${SECONDS_TO_RUN}s (seeds: $(find "$SEEDS" -type f | wc -l), scratch: $SCRATCH) =="
-# Corpus dirs: the first one receives new inputs. -timeout: one input running longer
-# than 10 s is a hang. -rss_limit_mb/-malloc_limit_mb: an image must not make us allocate
-# gigabytes whatever its header claims.
-FLAGS=(
-    -max_total_time="$SECONDS_TO_RUN"
-    -timeout=10
-    -rss_limit_mb=2048
-    -malloc_limit_mb=1024
-    -max_len=1048576
-    -dict="$FUZZ/qcow2.dict"
-    -artifact_prefix="$ARTIFACTS/"
-    -print_final_stats=1
-)
-status=0
-(cd "$LOG" && "$BIN" "${FLAGS[@]}" "$@" "$SCRATCH" "$SEEDS") 2>"$LOG/out" || status=$?
-# The progress lines (#N ...) and the dictionary statistics ("..." # Uses: N) are many.
-grep -v -e '^#' -e '^INFO: ' -e '^"' -e '^	NEW_FUNC' "$LOG/out" | tail -n 60 || true
-execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOG/out" | tail -n 1)
-last=$(grep -E '^#[0-9]+' "$LOG/out" | tail -n 1 || true)
-echo "== fuzz: last status: ${last:-none}"
-echo "fuzz: executions: ${execs:-unknown}; corpus: $(find "$SCRATCH" -type f | wc -l) new inputs in $SCRATCH, $(find "$SEEDS" -type f | wc -l) seeds"
-if [ "$status" -ne 0 ]; then
-    echo "fuzz: FAILED (libFuzzer exit $status); crashing inputs in $ARTIFACTS:" >&2
-    ls -l "$ARTIFACTS" >&2 || true
-    tail -n 80 "$LOG/out" >&2
-    exit "$status"
-fi
+failed=0
+for TARGET in $TARGETS; do
+    BIN="$CARGO_TARGET_DIR/$HOST/release/$TARGET"
+    SEEDS="$FUZZ/corpus/$TARGET"
+    SCRATCH="$FUZZ/scratch/$TARGET"
+    ARTIFACTS="$FUZZ/artifacts/$TARGET"
+    mkdir -p "$SCRATCH" "$ARTIFACTS"
+    echo "== fuzz: running $TARGET for ${SECONDS_TO_RUN}s (seeds: $(find "$SEEDS" -type f | wc -l), scratch: $SCRATCH) =="
+    # Corpus dirs: the first one receives new inputs. -timeout: one input running longer
+    # than 10 s is a hang. -rss_limit_mb/-malloc_limit_mb: hostile input must not make us
+    # allocate gigabytes whatever it claims.
+    FLAGS=(
+        -max_total_time="$SECONDS_TO_RUN"
+        -timeout=10
+        -rss_limit_mb=2048
+        -malloc_limit_mb=1024
+        -max_len=1048576
+        -artifact_prefix="$ARTIFACTS/"
+        -print_final_stats=1
+    )
+    [ -f "$FUZZ/$TARGET.dict" ] && FLAGS+=(-dict="$FUZZ/$TARGET.dict")
+    [ "$TARGET" = qcow2_open ] && [ -f "$FUZZ/qcow2.dict" ] && FLAGS+=(-dict="$FUZZ/qcow2.dict")
+    status=0
+    (cd "$LOG" && "$BIN" "${FLAGS[@]}" "$@" "$SCRATCH" "$SEEDS") 2>"$LOG/out" || status=$?
+    # The progress lines (#N ...) and the dictionary statistics ("..." # Uses: N) are many.
+    grep -v -e '^#' -e '^INFO: ' -e '^"' -e '^	NEW_FUNC' "$LOG/out" | tail -n 60 || true
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOG/out" | tail -n 1)
+    last=$(grep -E '^#[0-9]+' "$LOG/out" | tail -n 1 || true)
+    echo "== fuzz: $TARGET: last status: ${last:-none}"
+    echo "fuzz: $TARGET: executions: ${execs:-unknown}; corpus: $(find "$SCRATCH" -type f | wc -l) new inputs in $SCRATCH, $(find "$SEEDS" -type f | wc -l) seeds"
+    if [ "$status" -ne 0 ]; then
+        echo "fuzz: $TARGET FAILED (libFuzzer exit $status); crashing inputs in $ARTIFACTS:" >&2
+        ls -l "$ARTIFACTS" >&2 || true
+        tail -n 80 "$LOG/out" >&2
+        failed=1
+    fi
+done
+[ "$failed" -eq 0 ] || exit 1
 echo "fuzz: ok"
