@@ -286,7 +286,7 @@ EOF
     echo "    qemu-img snapshot -l lists after-the-guest: $([ "$SNAPS" = 1 ] && echo yes || echo no)"
     FLAT="$WORK/flat.raw"
     rm -f "$FLAT"
-    "$VDISK" image convert "$IMAGE" "$FLAT" --to raw
+    "$VDISK" image convert --format qcow2 "$IMAGE" "$FLAT" --to raw
     echo "    vdisk image convert --to raw: $FLAT"
     e2fsck -fn "$FLAT" >"$WORK/e2fsck.log" 2>&1 && FSCK=clean || FSCK="NOT clean (see $WORK/e2fsck.log)"
     echo "    e2fsck -fn: $FSCK"

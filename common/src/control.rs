@@ -5,14 +5,15 @@
 //!
 //! The server answers each client on its own thread, up to [`MAX_CLIENTS`] at once, so a
 //! slow client holds up only itself. A request line is at most [`MAX_REQUEST`] bytes and
-//! must arrive within [`IO_TIMEOUT`]; only the peers the [`PeerPolicy`] allows are served.
+//! must arrive whole within [`IO_TIMEOUT`] of the previous reply, a session answers at
+//! most 1024 requests; only the peers the [`PeerPolicy`] allows are served.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -106,14 +107,44 @@ fn refuse(mut stream: UnixStream, why: &str) {
     let _ = writeln!(stream, "{}", json!({ "error": why }));
 }
 
+/// Reads that must all be done by a deadline: a socket read timeout alone starts again
+/// with every byte, so a client sending one byte at a time could hold its slot forever.
+struct Deadline {
+    stream: UnixStream,
+    by: Instant,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.by.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request line took too long",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// Requests one session may make: a client holds a slot for a bounded time, however
+/// quickly it asks.
+const MAX_SESSION_REQUESTS: usize = 1024;
+
 fn session<R: DeserializeOwned>(
     stream: UnixStream,
     handle: &impl Fn(R) -> Value,
 ) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
-    let mut input = BufReader::new(stream);
+    let mut input = BufReader::new(Deadline {
+        stream,
+        by: Instant::now() + IO_TIMEOUT,
+    });
     let mut line = Vec::new();
-    loop {
+    for _ in 0..MAX_SESSION_REQUESTS {
+        // Each request line must arrive whole within IO_TIMEOUT of the last reply.
+        input.get_mut().by = Instant::now() + IO_TIMEOUT;
         line.clear();
         // One byte past the limit tells an over-long line from one that just fits.
         let n = (&mut input)
@@ -137,6 +168,7 @@ fn session<R: DeserializeOwned>(
         };
         writeln!(out, "{reply}")?;
     }
+    Ok(())
 }
 
 /// The client side: send `req` to the control socket at `path` and return the reply, or
@@ -264,5 +296,38 @@ mod tests {
         let mut reply = String::new();
         BufReader::new(s).read_line(&mut reply).expect("reply");
         assert!(reply.contains("longer than"), "{reply}");
+    }
+
+    /// A client trickling a byte every 50 ms never lets a per-read timeout expire; the
+    /// deadline ends its line all the same.
+    #[test]
+    fn a_trickling_client_meets_the_deadline() {
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        std::thread::spawn(move || {
+            while theirs.write_all(b"x").is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let mut input = BufReader::new(Deadline {
+            stream: ours,
+            by: Instant::now() + Duration::from_millis(300),
+        });
+        let mut line = Vec::new();
+        let err = input
+            .read_until(b'\n', &mut line)
+            .expect_err("no newline ever comes");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

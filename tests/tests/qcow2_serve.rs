@@ -1813,6 +1813,59 @@ fn a_guest_written_qcow2_header_does_not_reach_host_files() {
     }
 }
 
+/// The same attack on the offline tools: a tenant's raw disk holding a qcow2 header that
+/// names a neighbour's disk in the same directory. Before, `vdisk image convert` probed
+/// it, followed the name and copied the neighbour's data into the output. Now a probed
+/// source naming a backing file is refused; pinned `--format raw`, the tenant's own bytes
+/// are copied.
+#[test]
+fn convert_does_not_follow_a_probed_backing_name() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 4 * MIB;
+    std::fs::write(dir.path().join("neighbour.raw"), vec![0x5e; size as usize])
+        .expect("write the neighbour's disk");
+    let hostile = dir.path().join("hostile.qcow2");
+    overlay_naming(&hostile, "neighbour.raw", size);
+    let mut disk_bytes = std::fs::read(&hostile).expect("read the hostile image");
+    disk_bytes.resize(size as usize, 0);
+    let disk = dir.path().join("tenant.raw");
+    std::fs::write(&disk, &disk_bytes).expect("write the tenant's disk");
+    let out = dir.path().join("out.raw");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(e2e::bin("vdisk"))
+            .args(["image", "convert", "--to", "raw"])
+            .args(extra)
+            .arg(&disk)
+            .arg(&out)
+            .output()
+            .expect("run vdisk image convert")
+    };
+    let refused = run(&[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("--format"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&out).map_or(true, |b| !b.contains(&0x5e)),
+        "the neighbour's data reached the output"
+    );
+    let _ = std::fs::remove_file(&out);
+    let pinned = run(&["--format", "raw"]);
+    assert!(
+        pinned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pinned.stderr)
+    );
+    assert!(
+        std::fs::read(&out).expect("output") == disk_bytes,
+        "the tenant's own bytes"
+    );
+}
+
 /// Backing files named by qcow2 images served with `--format qcow2`: a name reaching
 /// outside the image's directory (`..`, absolute, a symlink) is refused, so are a FIFO
 /// (without blocking) and a device (even inside an allowed directory); a relative name in

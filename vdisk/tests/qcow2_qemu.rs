@@ -382,7 +382,16 @@ fn convert_flattens_and_keeps_zeros_unallocated() {
     let (ov, flat, back) = (p("ov.qcow2"), p("flat.raw"), p("back.qcow2"));
     ok(
         vdisk,
-        &["image", "convert", s(&ov), s(&flat), "--to", "raw"],
+        &[
+            "image",
+            "convert",
+            "--format",
+            "qcow2",
+            s(&ov),
+            s(&flat),
+            "--to",
+            "raw",
+        ],
     );
     ok(
         "qemu-img",

@@ -123,6 +123,8 @@ fn frontend_loop(frontends: Frontends, sessions: mpsc::Sender<Listener>, port: &
                     port,
                     "cannot connect the frontend to the port's backend: {e}"
                 );
+                // Dropping the frontend makes QEMU retry: not in a tight loop.
+                std::thread::sleep(RECONNECT_DELAY);
                 continue;
             }
         };

@@ -51,8 +51,13 @@ pub enum ConvertTo {
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// The source image, raw or qcow2 (detected).
+    /// The source image, raw or qcow2.
     pub source: PathBuf,
+    /// The source's format. `auto` reads its first bytes, and refuses a qcow2 source that
+    /// names a backing file (a guest can write such a header into its raw disk): pin
+    /// `qcow2` for a linked clone you made, `raw` for a raw disk [default: auto].
+    #[arg(long = "format", value_enum, default_value = "auto")]
+    pub source_format: crate::image::FormatKind,
     /// The new image; it must not exist.
     pub target: PathBuf,
     /// The new image's format.
@@ -520,12 +525,27 @@ fn convert(a: &ConvertArgs) -> Result<ExitCode, String> {
         source,
     };
     let r: Result<(), Qcow2Error> = (|| {
-        let (mut src, size) = match Qcow2::open(&a.source, &a.chain.opts(true)) {
+        use crate::image::FormatKind;
+        let opened = match a.source_format {
+            FormatKind::Raw => Err(Qcow2Error::NotQcow2 {
+                path: a.source.clone(),
+            }),
+            kind => Qcow2::open(
+                &a.source,
+                &OpenOptions {
+                    // A probed image must not name a backing file: its bytes may be a
+                    // guest's, pointing at another tenant's disk.
+                    format_probed: kind == FormatKind::Auto,
+                    ..a.chain.opts(true)
+                },
+            ),
+        };
+        let (mut src, size) = match opened {
             Ok(img) => {
                 let size = img.virtual_size();
                 (Source::Qcow2(Box::new(img)), size)
             }
-            Err(Qcow2Error::NotQcow2 { .. }) => {
+            Err(Qcow2Error::NotQcow2 { .. }) if a.source_format != FormatKind::Qcow2 => {
                 let f = crate::open::open_image(&a.source, false)?;
                 crate::open::lock(&f, &a.source, Access::Read)?;
                 let size = f

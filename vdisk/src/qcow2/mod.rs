@@ -970,6 +970,7 @@ impl Qcow2 {
         for c in now {
             self.io
                 .punch_hole(c << self.cluster_bits, self.cluster_size);
+            self.rc.note_free(c);
         }
     }
 
@@ -984,8 +985,8 @@ impl Qcow2 {
             (host_offset + len - 1) >> self.cluster_bits,
         );
         match pins {
-            Some(p) => p.add(first..=last),
-            None => *pins = Some(self.rc.pins.pin(first..=last)),
+            Some(p) => p.add(first, last),
+            None => *pins = Some(self.rc.pins.pin(first, last)),
         }
     }
 

@@ -13,18 +13,28 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// A run of clusters, first and last.
+type Run = (u64, u64);
+
 #[derive(Debug, Default)]
 struct State {
-    /// Pins per host cluster.
-    counts: HashMap<u64, u32>,
+    /// Pins per run of clusters: one per extent a read maps, however long, so a read of
+    /// a GiB costs what a read of a page does.
+    runs: HashMap<Run, u32>,
     /// Clusters freed while pinned: still to punch, and not to reuse until then.
     freed: HashSet<u64>,
+}
+
+impl State {
+    fn pinned(&self, cluster: u64) -> bool {
+        self.runs.keys().any(|&(a, b)| a <= cluster && cluster <= b)
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Pins {
     state: Mutex<State>,
-    /// Entries in `counts` and `freed` together: lets the allocator skip the lock when
+    /// Entries in `runs` and `freed` together: lets the allocator skip the lock when
     /// nothing is pinned.
     entries: AtomicUsize,
 }
@@ -40,31 +50,32 @@ impl Pins {
 
     fn recount(&self, s: &State) {
         self.entries
-            .store(s.counts.len() + s.freed.len(), Ordering::Release);
+            .store(s.runs.len() + s.freed.len(), Ordering::Release);
     }
 
-    /// Pin `clusters` (a read is about to read them) until the returned guard drops.
-    pub fn pin(self: &Arc<Self>, clusters: impl Iterator<Item = u64>) -> ReadPins {
-        let list: Vec<u64> = clusters.collect();
+    fn add(&self, run: Run) {
         let mut s = self.lock();
-        for &c in &list {
-            *s.counts.entry(c).or_insert(0) += 1;
-        }
+        *s.runs.entry(run).or_insert(0) += 1;
         self.recount(&s);
-        drop(s);
+    }
+
+    /// Pin clusters `first..=last` (a read is about to read them) until the returned
+    /// guard drops.
+    pub fn pin(self: &Arc<Self>, first: u64, last: u64) -> ReadPins {
+        self.add((first, last));
         ReadPins {
             pins: self.clone(),
-            clusters: list,
+            runs: vec![(first, last)],
         }
     }
 
-    fn unpin(&self, clusters: &[u64]) {
+    fn unpin(&self, runs: &[Run]) {
         let mut s = self.lock();
-        for c in clusters {
-            if let Some(n) = s.counts.get_mut(c) {
+        for r in runs {
+            if let Some(n) = s.runs.get_mut(r) {
                 *n -= 1;
                 if *n == 0 {
-                    s.counts.remove(c);
+                    s.runs.remove(r);
                 }
             }
         }
@@ -78,7 +89,7 @@ impl Pins {
             return false;
         }
         let s = self.lock();
-        s.counts.contains_key(&cluster) || s.freed.contains(&cluster)
+        s.freed.contains(&cluster) || s.pinned(cluster)
     }
 
     /// Of `freed` (clusters whose refcount just reached 0), those free to punch now; the
@@ -90,7 +101,7 @@ impl Pins {
         let mut s = self.lock();
         let mut now = Vec::with_capacity(freed.len());
         for &c in freed {
-            if s.counts.contains_key(&c) {
+            if s.pinned(c) {
                 s.freed.insert(c);
             } else {
                 now.push(c);
@@ -110,23 +121,18 @@ impl Pins {
         if s.freed.is_empty() {
             return Vec::new();
         }
-        let State { counts, freed } = &mut *s;
-        let done: Vec<u64> = freed
-            .iter()
-            .copied()
-            .filter(|c| !counts.contains_key(c))
-            .collect();
+        let done: Vec<u64> = s.freed.iter().copied().filter(|&c| !s.pinned(c)).collect();
         for c in &done {
-            freed.remove(c);
+            s.freed.remove(c);
         }
         self.recount(&s);
         done
     }
 
-    /// Clusters pinned now.
+    /// Runs of clusters pinned now.
     #[cfg(test)]
     pub fn pinned(&self) -> usize {
-        self.lock().counts.len()
+        self.lock().runs.len()
     }
 }
 
@@ -135,25 +141,20 @@ impl Pins {
 #[derive(Debug)]
 pub struct ReadPins {
     pins: Arc<Pins>,
-    clusters: Vec<u64>,
+    runs: Vec<Run>,
 }
 
 impl ReadPins {
-    /// Pin more clusters for the same read.
-    pub fn add(&mut self, clusters: impl Iterator<Item = u64>) {
-        let start = self.clusters.len();
-        self.clusters.extend(clusters);
-        let mut s = self.pins.lock();
-        for &c in &self.clusters[start..] {
-            *s.counts.entry(c).or_insert(0) += 1;
-        }
-        self.pins.recount(&s);
+    /// Pin clusters `first..=last` too, for the same read.
+    pub fn add(&mut self, first: u64, last: u64) {
+        self.pins.add((first, last));
+        self.runs.push((first, last));
     }
 }
 
 impl Drop for ReadPins {
     fn drop(&mut self) {
-        self.pins.unpin(&self.clusters);
+        self.pins.unpin(&self.runs);
     }
 }
 
@@ -165,8 +166,8 @@ mod tests {
     fn a_freed_pinned_cluster_waits_for_its_last_read() {
         let pins = Arc::new(Pins::default());
         assert!(!pins.blocks(5));
-        let a = pins.pin([5, 6].into_iter());
-        let b = pins.pin([5].into_iter());
+        let a = pins.pin(5, 6);
+        let b = pins.pin(5, 5);
         assert!(pins.blocks(5) && pins.blocks(6) && !pins.blocks(7));
         assert_eq!(pins.release(&[5, 7]), vec![7], "5 is pinned, 7 is not");
         assert!(pins.take_unpinned_frees().is_empty());

@@ -210,6 +210,12 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// `cluster` (refcount 0) may be allocated again: the allocator may have passed over
+    /// it while a read held it, and must look again from there.
+    pub fn note_free(&mut self, cluster: u64) {
+        self.free_hint = self.free_hint.min(cluster);
+    }
+
     /// Queue a decrement to apply once the current mapping changes are durable.
     pub fn queue_free(&mut self, cluster: u64) {
         self.pending.push(cluster);

@@ -448,7 +448,9 @@ impl Qcow2 {
             )));
         }
         self.adjust_tree(&snap_l1, 1, &mut |_, _| {})?;
-        let mut new_l1 = snap_l1;
+        // COPIED means nothing in a snapshot's L1 table, but a hostile one may carry it:
+        // the new active tree starts with every L2 table shared, as the refcounts say.
+        let mut new_l1: Vec<u64> = snap_l1.iter().map(|e| e & !COPIED).collect();
         new_l1.resize(new_l1.len().max(needed as usize), 0);
         let n = self.clusters_for(new_l1.len() as u64 * 8);
         let l1_off = self.rc.alloc(&mut self.io, n)?;

@@ -847,3 +847,39 @@ fn checking_a_sparse_image_with_huge_snapshot_tables_stays_small() {
         grew / MIB
     );
 }
+
+/// A cluster a read pins while it is freed is neither reused nor punched until the read
+/// is done; after that it is the allocator's again, even though allocations passed over
+/// it meanwhile.
+#[test]
+fn a_pinned_free_cluster_comes_back_after_its_read() {
+    let d = tmp();
+    let path = d.path().join("a.qcow2");
+    let mut img = Qcow2::create(&path, 4 * MIB, 4096, None).expect("create");
+    let host_of = |img: &mut Qcow2, off: u64| match img.map(off, 4096).expect("map").kind {
+        ExtentKind::Data { host_offset, .. } => host_offset,
+        other => panic!("not allocated: {other:?}"),
+    };
+    img.write(0, &[7u8; 4096]).expect("write");
+    let h = host_of(&mut img, 0);
+    let mut pins = None;
+    img.pin_read(h, 4096, &mut pins);
+    img.discard(0, 4096).expect("discard");
+    img.flush().expect("flush frees it");
+    img.write(4096, &[8u8; 4096]).expect("write");
+    assert_ne!(
+        host_of(&mut img, 4096),
+        h,
+        "a pinned cluster is not handed out"
+    );
+    let mut back = [0u8; 4096];
+    img.io
+        .read_data(h, &mut back)
+        .expect("read the pinned cluster");
+    assert_eq!(back, [7u8; 4096], "nor punched");
+    drop(pins);
+    img.flush().expect("flush");
+    img.write(8192, &[9u8; 4096]).expect("write");
+    assert_eq!(host_of(&mut img, 8192), h, "reused once the read is done");
+    img.close().expect("close");
+}
