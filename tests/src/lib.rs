@@ -61,6 +61,28 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// vdisk's control socket for the vhost-user socket `socket` (its default: `SOCKET.ctl`).
+pub fn control_socket(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".ctl");
+    PathBuf::from(p)
+}
+
+/// `vdisk ctl --socket SOCKET.ctl --json stats`: the counters of the vdisk serving
+/// `socket`.
+pub fn vdisk_stats(socket: &Path) -> serde_json::Value {
+    let out = Command::new(bin("vdisk"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(control_socket(socket))
+        .args(["--json", "stats"])
+        .output()
+        .expect("run vdisk ctl");
+    assert!(out.status.success(), "vdisk ctl stats failed: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctl stats JSON");
+    v["counters"].clone()
+}
+
 /// Wait until `path` exists and accepts a connection.
 pub fn wait_for_socket(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;

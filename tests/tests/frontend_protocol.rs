@@ -516,19 +516,7 @@ fn run(setup: MemSetup, engine: &str) {
     let done = s.request(VIRTIO_BLK_T_IN, 0, &[wo(base, size_max)], false);
     assert_ok("READ of one size_max descriptor", &done, size_max + 1);
     let bad_length = |socket: &Path| {
-        let out = std::process::Command::new(e2e::bin("vdisk"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg({
-                let mut c = socket.as_os_str().to_owned();
-                c.push(".ctl");
-                PathBuf::from(c)
-            })
-            .args(["--json", "stats"])
-            .output()
-            .expect("vdisk ctl stats");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
-        v["counters"]["err_bad_length"]
+        e2e::vdisk_stats(socket)["err_bad_length"]
             .as_u64()
             .expect("err_bad_length")
     };

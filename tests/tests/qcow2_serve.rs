@@ -23,7 +23,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -206,7 +206,7 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 /// Start `vdisk serve` on `image`; wait for the vhost-user and control sockets.
 fn serve(image: &Path, socket: &Path, extra: &[&str]) -> Daemon {
     let d = Daemon::vdisk(image, socket, extra);
-    e2e::wait_for_socket(&ctl_socket(socket), Duration::from_secs(10));
+    e2e::wait_for_socket(&e2e::control_socket(socket), Duration::from_secs(10));
     d
 }
 
@@ -224,7 +224,7 @@ fn serve_logged(image: &Path, socket: &Path, log: &Path) -> Daemon {
         socket: socket.to_path_buf(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl_socket(socket).exists() {
+    while !e2e::control_socket(socket).exists() {
         if let Some(st) = d.child.try_wait().expect("wait vdisk") {
             panic!(
                 "vdisk exited early with {st}: {}",
@@ -245,15 +245,9 @@ fn stop(daemon: Daemon) {
     assert!(!socket.exists(), "vdisk left {} behind", socket.display());
 }
 
-fn ctl_socket(socket: &Path) -> PathBuf {
-    let mut p = socket.as_os_str().to_owned();
-    p.push(".ctl");
-    PathBuf::from(p)
-}
-
 /// `vdisk ctl --socket SOCK.ctl --json ARGS...`, parsed.
 fn ctl(socket: &Path, args: &[&str]) -> Value {
-    let ctl = ctl_socket(socket);
+    let ctl = e2e::control_socket(socket);
     let mut a = vec!["ctl", "--socket", s(&ctl), "--json"];
     a.extend_from_slice(args);
     let out = vdisk(&a);
@@ -701,7 +695,7 @@ fn readonly_qcow2_export_changes_nothing() {
     .expect("connect read-only");
     assert_device(&mut blk, &model, "read-only overlay");
     assert_eq!(ctl(&socket, &["info"])["read_only"], Value::Bool(true));
-    let ctl_sock = ctl_socket(&socket);
+    let ctl_sock = e2e::control_socket(&socket);
     let out = run(
         e2e::bin("vdisk"),
         &[
@@ -1260,7 +1254,7 @@ fn online_snapshot_then_offline_revert() {
     let b = model.clone();
     assert_device(&mut blk, &b, &format!("{what}: B through the device"));
     // A second snapshot of B; a duplicate name is refused.
-    let ctl_sock = ctl_socket(&socket);
+    let ctl_sock = e2e::control_socket(&socket);
     let out = run(
         e2e::bin("vdisk"),
         &["ctl", "--socket", s(&ctl_sock), "snapshot", "create", "s1"],
@@ -1567,7 +1561,7 @@ fn assert_serve_refused(image: &Path, extra: &[&str], needles: &[&str], what: &s
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         assert!(
-            !socket.exists() && !ctl_socket(&socket).exists(),
+            !socket.exists() && !e2e::control_socket(&socket).exists(),
             "{what}: a socket appeared"
         );
         if let Some(st) = child.try_wait().expect("wait vdisk") {
@@ -1592,7 +1586,7 @@ fn assert_serve_refused(image: &Path, extra: &[&str], needles: &[&str], what: &s
         "{what}: vdisk serve exited with {status}"
     );
     assert!(
-        !socket.exists() && !ctl_socket(&socket).exists(),
+        !socket.exists() && !e2e::control_socket(&socket).exists(),
         "{what}: a socket was left"
     );
     assert!(
@@ -2306,7 +2300,7 @@ fn serve_opens_the_image_once() {
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn strace");
-        e2e::wait_for_socket(&ctl_socket(&socket), Duration::from_secs(30));
+        e2e::wait_for_socket(&e2e::control_socket(&socket), Duration::from_secs(30));
         let log = std::fs::read_to_string(&trace).expect("read the trace");
         let quoted = format!("\"{}\"", s(image));
         let opens = log.lines().filter(|l| l.contains(&quoted)).count();

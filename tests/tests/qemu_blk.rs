@@ -524,21 +524,6 @@ fn guest_writes_through_a_qcow2_overlay() {
     }
 }
 
-/// `vdisk ctl --socket SOCK.ctl --json stats`: the counters.
-fn ctl_stats(socket: &Path) -> serde_json::Value {
-    let mut ctl = socket.as_os_str().to_owned();
-    ctl.push(".ctl");
-    let out = Command::new(e2e::bin("vdisk"))
-        .args(["ctl", "--socket"])
-        .arg(&ctl)
-        .args(["--json", "stats"])
-        .output()
-        .expect("run vdisk ctl");
-    assert!(out.status.success(), "vdisk ctl stats failed: {out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctl stats JSON");
-    v["counters"].clone()
-}
-
 fn counter(stats: &serde_json::Value, key: &str) -> u64 {
     stats[key]
         .as_u64()
@@ -588,14 +573,14 @@ fn guest_writing_a_file_twice_stores_it_once() {
         assert_eq!(out.expect_result("done"), "yes", "{}", out.describe());
         out
     };
-    let before = ctl_stats(&socket);
+    let before = e2e::vdisk_stats(&socket);
     boot(
         "mke2fs -F -b 4096 /dev/vda >/dev/null\n\
          mount -t ext2 /dev/vda /mnt\n\
          cp /data/file.bin /mnt/first\n\
          umount /mnt\n",
     );
-    let first = ctl_stats(&socket);
+    let first = e2e::vdisk_stats(&socket);
     let out = boot(
         "mount -t ext2 /dev/vda /mnt\n\
          cp /data/file.bin /mnt/second\n\
@@ -603,7 +588,7 @@ fn guest_writing_a_file_twice_stores_it_once() {
          umount /mnt\n",
     );
     assert_eq!(out.expect_result("same"), "yes");
-    let second = ctl_stats(&socket);
+    let second = e2e::vdisk_stats(&socket);
     let grew = |a: &serde_json::Value, b: &serde_json::Value, key: &str| {
         counter(b, &format!("dedupe_{key}")) as i64 - counter(a, &format!("dedupe_{key}")) as i64
     };

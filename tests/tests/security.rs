@@ -135,7 +135,7 @@ fn sockets_are_private_whatever_the_umask() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("vdisk.sock");
     let d = Daemon::vdisk(&raw_image(dir.path()), &socket, &[]);
-    let ctl = dir.path().join("vdisk.sock.ctl");
+    let ctl = e2e::control_socket(&socket);
     e2e::wait_for_socket(&ctl, Duration::from_secs(10));
     for s in [&socket, &ctl] {
         assert_eq!(mode(s), 0o600, "{}", s.display());
@@ -226,7 +226,7 @@ fn control_sockets_serve_only_allowed_users() {
         &socket,
         &["--control-user", &friend],
     );
-    let ctl = dir.path().join("vdisk.sock.ctl");
+    let ctl = e2e::control_socket(&socket);
     e2e::wait_for_socket(&ctl, Duration::from_secs(10));
     let ok = ctl_as("vdisk", &ctl, FRIEND, &["info"]);
     assert!(
