@@ -51,7 +51,7 @@ where
                 continue;
             }
         };
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        // Reads get their timeout from the session's deadline (`Deadline`).
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
         match peer_cred(&stream) {
             Ok(peer) if policy.allows(&peer) => {}
@@ -213,15 +213,7 @@ mod tests {
 
     #[test]
     fn request_reply_and_refusals() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ctl.sock");
-        let sock = crate::socket::claim(&path, &Default::default()).expect("claim");
-        std::thread::spawn(move || {
-            serve(&sock, &PeerPolicy::default(), |r: Req| match r {
-                Req::Echo { text } => json!({ "echo": text }),
-                Req::Refuse => json!({ "error": "no" }),
-            })
-        });
+        let (_dir, path) = echo_server();
         let reply = request(
             &path,
             &Req::Echo {
