@@ -199,11 +199,6 @@ impl Fdb {
         }
     }
 
-    /// Whether the queue item (key, gen) still stands for a live entry.
-    fn current(&self, key: u64, gen: u32) -> bool {
-        self.entries.get(&key).is_some_and(|e| e.gen == gen)
-    }
-
     fn remove(&mut self, key: u64) {
         if let Some(e) = self.entries.remove(&key) {
             self.per_port[e.port as usize] -= 1;
@@ -251,14 +246,11 @@ impl Fdb {
             let Some((key, gen)) = self.queues[q].pop_front() else {
                 return;
             };
-            if !self.current(key, gen) {
-                continue;
-            }
-            let expired = self.entries.get(&key).is_some_and(|e| self.expired(e, now));
-            if expired {
-                self.remove(key);
-            } else {
-                self.queues[q].push_back((key, gen));
+            // One lookup: gone or moved (a stale item: dropped), expired, or live.
+            match self.entries.get(&key).filter(|e| e.gen == gen) {
+                None => {}
+                Some(e) if self.expired(e, now) => self.remove(key),
+                Some(_) => self.queues[q].push_back((key, gen)),
             }
         }
     }
