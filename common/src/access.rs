@@ -41,16 +41,18 @@ impl Default for SocketPerms {
 }
 
 impl SocketPerms {
-    /// From the config's `mode`, `owner` and `group` strings (each optional).
+    /// These permissions with what the config's `mode`, `owner` and `group` strings set
+    /// (each optional) in their place.
     pub fn parse(
+        self,
         mode: Option<&str>,
         owner: Option<&str>,
         group: Option<&str>,
     ) -> Result<SocketPerms, AccessError> {
         Ok(SocketPerms {
-            mode: mode.map_or(Ok(DEFAULT_SOCKET_MODE), parse_mode)?,
-            owner: owner.map(user_id).transpose()?,
-            group: group.map(group_id).transpose()?,
+            mode: mode.map_or(Ok(self.mode), parse_mode)?,
+            owner: owner.map(user_id).transpose()?.or(self.owner),
+            group: group.map(group_id).transpose()?.or(self.group),
         })
     }
 }

@@ -265,19 +265,20 @@ impl TryFrom<ServeArgs> for ServeConfig {
             .control_socket
             .or(file.control_socket)
             .unwrap_or_else(|| default_control_socket(&socket));
-        let socket_perms = SocketPerms::parse(
-            args.socket_mode.or(file.socket_mode).as_deref(),
-            args.socket_owner.or(file.socket_owner).as_deref(),
-            args.socket_group.or(file.socket_group).as_deref(),
-        )
-        .map_err(|source| ConfigError::Access {
-            key: match source {
-                AccessError::Mode(_) => "socket-mode",
-                AccessError::NoUser(_) => "socket-owner",
-                AccessError::NoGroup(_) => "socket-group",
-            },
-            source,
-        })?;
+        let socket_perms = SocketPerms::default()
+            .parse(
+                args.socket_mode.or(file.socket_mode).as_deref(),
+                args.socket_owner.or(file.socket_owner).as_deref(),
+                args.socket_group.or(file.socket_group).as_deref(),
+            )
+            .map_err(|source| ConfigError::Access {
+                key: match source {
+                    AccessError::Mode(_) => "socket-mode",
+                    AccessError::NoUser(_) => "socket-owner",
+                    AccessError::NoGroup(_) => "socket-group",
+                },
+                source,
+            })?;
         // The command line's lists replace the file's, as its other options do.
         let pick = |cli: Vec<String>, file: Option<Vec<String>>| match cli.is_empty() {
             true => file.unwrap_or_default(),

@@ -591,21 +591,16 @@ fn socket_perms(
     owner: Option<String>,
     group: Option<String>,
 ) -> Result<SocketPerms, Bad> {
-    let why = |e: common::access::AccessError| e.to_string();
-    Ok(SocketPerms {
-        mode: match mode {
-            Some(m) => common::access::parse_mode(&m).map_err(|e| bad("socket_mode", why(e)))?,
-            None => base.mode,
-        },
-        owner: match owner {
-            Some(u) => Some(common::access::user_id(&u).map_err(|e| bad("socket_owner", why(e)))?),
-            None => base.owner,
-        },
-        group: match group {
-            Some(g) => Some(common::access::group_id(&g).map_err(|e| bad("socket_group", why(e)))?),
-            None => base.group,
-        },
-    })
+    use common::access::AccessError;
+    base.parse(mode.as_deref(), owner.as_deref(), group.as_deref())
+        .map_err(|e| {
+            let key = match e {
+                AccessError::Mode(_) => "socket_mode",
+                AccessError::NoUser(_) => "socket_owner",
+                AccessError::NoGroup(_) => "socket_group",
+            };
+            bad(key, e.to_string())
+        })
 }
 
 fn port_config(t: Table, defaults: &SwitchSettings) -> Result<PortConfig, Bad> {
