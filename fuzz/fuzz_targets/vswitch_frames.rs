@@ -1,7 +1,7 @@
 //! Fuzz target: vswitch's forwarding path on hostile rings and frames: its own chain
-//! walker (`vswitch::ring::Ring`, host pointers, indirect tables), the frame header parse,
+//! walker (`vswitch::wire::ring::Ring`, host pointers, indirect tables), the frame header parse,
 //! VLAN ingress and egress, the one copy with a tag inserted or stripped
-//! (`vswitch::copy`), and the forwarding database. Every transmit chain that walks is
+//! (`vswitch::wire::copy`), and the forwarding database. Every transmit chain that walks is
 //! copied into receive buffers of another chain and must come out as the VLAN rules say,
 //! byte for byte; the table must stay within its size.
 #![no_main]
@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use vswitch::config::VlanMode;
-use vswitch::copy::{copy, plan, HostRange, Piece};
-use vswitch::fdb::Fdb;
-use vswitch::frame::{self, Mac, MACS_LEN, PEEK_LEN, VLAN_HLEN};
-use vswitch::ring::Ring;
-use vswitch::vlan::Egress;
+use vswitch::policy::fdb::Fdb;
+use vswitch::wire::copy::{copy, plan, Egress, Piece};
+use vswitch::wire::frame::{self, Mac, MACS_LEN, PEEK_LEN, VLAN_HLEN};
+use vswitch::wire::guest::HostRange;
+use vswitch::wire::ring::Ring;
 
 mod rings;
 

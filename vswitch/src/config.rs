@@ -29,11 +29,21 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use toml::{Spanned, Table, Value};
 
+use crate::wire::frame::Mac;
+
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vswitch/ctl.sock";
 pub const DEFAULT_MAC_AGING_SECS: u32 = 300;
 pub const DEFAULT_MAC_TABLE_SIZE: u32 = 8192;
 const MAX_MAC_AGING_SECS: i64 = 86_400;
 const MAX_MAC_TABLE_SIZE: i64 = 1 << 20;
+/// A forwarding thread polls this long after its last frame before it sleeps: long enough
+/// that request/response traffic (a ping-pong, an RPC) stays on the polling path, short
+/// enough that an idle switch uses well under 1% of a core.
+pub const DEFAULT_POLL_US: u32 = 1000;
+const MAX_POLL_US: i64 = 1_000_000;
+const MAX_PMD_THREADS: i64 = 64;
+/// CPU_SETSIZE: what sched_setaffinity can name.
+const MAX_CORE: i64 = 1023;
 pub const DEFAULT_MTU: u16 = 1500;
 pub const MIN_MTU: u16 = 68;
 pub const MAX_MTU: u16 = 9000;
@@ -62,6 +72,18 @@ pub struct SwitchSettings {
     pub mac_aging: Duration,
     /// Global FDB limit (entries over all VLANs).
     pub mac_table_size: usize,
+    pub pmd: PmdSettings,
+}
+
+/// The forwarding threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PmdSettings {
+    /// One thread per core, pinned to it; empty: `threads` threads, unpinned.
+    pub cores: Vec<usize>,
+    pub threads: usize,
+    /// How long a thread polls without finding a frame before it sleeps; zero: it sleeps
+    /// as soon as its queues are empty (one wakeup per kick).
+    pub poll: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +107,7 @@ pub struct PortConfig {
     pub socket_perms: SocketPerms,
     pub mode: PortMode,
     pub vlan: VlanMode,
-    pub mac: Option<MacAddr>,
+    pub mac: Option<Mac>,
     pub anti_spoof: bool,
     pub mac_limit: Option<u32>,
     pub mtu: u16,
@@ -124,47 +146,6 @@ impl VlanMode {
 
     pub fn carries(&self, vid: u16) -> bool {
         self.vlans().binary_search(&vid).is_ok()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 1 == 1 // broadcast included
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-
-    /// `52:54:00:00:00:01` (or with `-`), each octet two hex digits.
-    fn from_str(s: &str) -> Result<MacAddr, String> {
-        let bad = || format!("\"{s}\" is not a MAC address like 52:54:00:12:34:56");
-        let mut out = [0u8; 6];
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(bad());
-        }
-        for (o, p) in out.iter_mut().zip(parts) {
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
     }
 }
 
@@ -422,6 +403,9 @@ struct FileSwitch {
     socket_group: Option<String>,
     mac_aging_secs: Option<i64>,
     mac_table_size: Option<i64>,
+    pmd_cores: Option<Vec<i64>>,
+    pmd_threads: Option<i64>,
+    poll_us: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -539,6 +523,58 @@ fn switch_settings(t: Table) -> Result<SwitchSettings, Bad> {
             ranged("mac_aging_secs", aging, 1, MAX_MAC_AGING_SECS)? as u64
         ),
         mac_table_size: usize::try_from(size).map_err(|_| bad("mac_table_size", "too large"))?,
+        pmd: pmd_settings(f.pmd_cores, f.pmd_threads, f.poll_us)?,
+    })
+}
+
+fn pmd_settings(
+    cores: Option<Vec<i64>>,
+    threads: Option<i64>,
+    poll_us: Option<i64>,
+) -> Result<PmdSettings, Bad> {
+    let poll = ranged(
+        "poll_us",
+        poll_us.unwrap_or(DEFAULT_POLL_US.into()),
+        0,
+        MAX_POLL_US,
+    )?;
+    let poll = Duration::from_micros(poll as u64);
+    let cores = match (cores, threads) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "pmd_threads",
+                "set pmd_cores (pinned threads) or pmd_threads (unpinned), not both",
+            ))
+        }
+        (Some(c), None) => c,
+        (None, t) => {
+            let t = ranged("pmd_threads", t.unwrap_or(1), 1, MAX_PMD_THREADS)?;
+            return Ok(PmdSettings {
+                cores: Vec::new(),
+                threads: t as usize,
+                poll,
+            });
+        }
+    };
+    if cores.is_empty() {
+        return Err(bad(
+            "pmd_cores",
+            "empty list (leave it out for one unpinned thread)",
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(cores.len());
+    for c in cores {
+        let c = ranged("pmd_cores", c, 0, MAX_CORE)?;
+        if !seen.insert(c) {
+            return Err(bad("pmd_cores", format!("core {c} is listed twice")));
+        }
+        out.push(c as usize);
+    }
+    Ok(PmdSettings {
+        threads: out.len(),
+        cores: out,
+        poll,
     })
 }
 
@@ -612,7 +648,7 @@ fn port_config(t: Table, defaults: &SwitchSettings) -> Result<PortConfig, Bad> {
     }
     let mac = match f.mac {
         Some(s) => {
-            let mac: MacAddr = s.parse().map_err(|why| bad("mac", why))?;
+            let mac: Mac = s.parse().map_err(|why| bad("mac", why))?;
             if mac.is_multicast() || mac.0 == [0; 6] {
                 return Err(bad("mac", format!("{mac} is multicast, broadcast or zero")));
             }
@@ -836,7 +872,7 @@ mod tests {
         let c = ok(&port2(
             "vlan = 10\nmac = \"52-54-00-AB-00-01\"\nanti_spoof = true",
         ));
-        assert_eq!(c.ports[1].mac, Some(MacAddr([0x52, 0x54, 0, 0xab, 0, 1])));
+        assert_eq!(c.ports[1].mac, Some(Mac([0x52, 0x54, 0, 0xab, 0, 1])));
         assert_eq!(
             c.ports[1].mac.map(|m| m.to_string()).as_deref(),
             Some("52:54:00:ab:00:01")

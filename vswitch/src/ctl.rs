@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::config::QosConfig;
+use crate::pmd::Pmds;
 use crate::switch::Switch;
 
 /// What `ctl` can ask.
@@ -15,6 +16,7 @@ pub enum Request {
     Ports,
     Fdb,
     Stats,
+    Pmd,
     SetQos {
         port: String,
         settings: Vec<(String, String)>,
@@ -37,16 +39,23 @@ fn vlan_text(v: &crate::config::VlanMode) -> String {
 /// Serve the control socket forever (on its own thread).
 pub fn serve(
     switch: Arc<Switch>,
+    pmds: Arc<Pmds>,
     qos: Vec<QosConfig>,
     sock: common::socket::ClaimedSocket,
     access: &common::access::PeerPolicy,
 ) {
     let qos = std::sync::Mutex::new(qos);
-    common::control::serve(&sock, access, move |req| handle(&switch, &qos, req));
+    common::control::serve(&sock, access, move |req| handle(&switch, &pmds, &qos, req));
 }
 
-fn handle(switch: &Switch, qos: &std::sync::Mutex<Vec<QosConfig>>, req: Request) -> Value {
+fn handle(
+    switch: &Switch,
+    pmds: &Pmds,
+    qos: &std::sync::Mutex<Vec<QosConfig>>,
+    req: Request,
+) -> Value {
     match req {
+        Request::Pmd => pmds.show(switch),
         Request::Ports => {
             let qos = match qos.lock() {
                 Ok(q) => q.clone(),
@@ -203,6 +212,51 @@ pub fn render(req: &Request, reply: &Value) -> String {
                     for (k, v) in c {
                         out.push_str(&format!("  {k:<20} {v}\n"));
                     }
+                }
+            }
+        }
+        Request::Pmd => {
+            let secs =
+                |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / 1e9;
+            for t in list("pmds") {
+                let core = match t.get("core").and_then(Value::as_u64) {
+                    Some(c) => format!("core {c}"),
+                    None => "unpinned".to_string(),
+                };
+                out.push_str(&format!("pmd thread {} ({core}):\n", text(&t, "id")));
+                out.push_str(&format!(
+                    "  busy {}%: forwarding {:.3} s, polling idle {:.3} s, asleep {:.3} s, {} wakeups\n",
+                    text(&t, "busy_pct"),
+                    secs(&t, "busy_ns"),
+                    secs(&t, "idle_ns"),
+                    secs(&t, "sleep_ns"),
+                    text(&t, "wakeups"),
+                ));
+                let avg = t.get("avg_batch").and_then(Value::as_f64).unwrap_or(0.0);
+                let batches: Vec<String> = t
+                    .get("batches")
+                    .and_then(Value::as_object)
+                    .map(|b| b.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "  {} frames in {} passes, {avg:.1} per pass (frames per pass {})\n",
+                    text(&t, "frames"),
+                    text(&t, "passes"),
+                    batches.join(", ")
+                ));
+                for q in t
+                    .get("queues")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    out.push_str(&format!(
+                        "  port: {:<16} queue: {:<4} frames: {:>12}  usage: {:>5} %\n",
+                        text(q, "port"),
+                        text(q, "queue"),
+                        text(q, "frames"),
+                        text(q, "usage_pct"),
+                    ));
                 }
             }
         }

@@ -50,6 +50,9 @@ enum CtlCmd {
     Fdb,
     /// Per-port counters, drops by reason.
     Stats,
+    /// The forwarding threads: their cores and queues, busy/idle/asleep time and batch
+    /// sizes (as `ovs-appctl dpif-netdev/pmd-rxq-show` and `pmd-stats-show`).
+    Pmd,
     /// Change a port's QoS at runtime: `set-qos vm1 tx_rate_bps=100M storm_pps=1000` (0 removes a limit).
     SetQos {
         port: String,
@@ -78,6 +81,7 @@ fn ctl(
         CtlCmd::Ports => Request::Ports,
         CtlCmd::Fdb => Request::Fdb,
         CtlCmd::Stats => Request::Stats,
+        CtlCmd::Pmd => Request::Pmd,
         CtlCmd::SetQos { port, settings } => {
             let mut kv = Vec::new();
             for s in settings {

@@ -15,20 +15,23 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vmm_sys_util::epoll::EventSet;
 
+use crate::backend::{PortBackend, TIMER_EVENT};
 use crate::config::{PortMode, SwitchConfig};
-use crate::frame::Mac;
-use crate::net::{PortBackend, TIMER_EVENT};
-use crate::qos::PortQos;
-use crate::service::ServicePort;
-use crate::switch::{PortSpec, Switch};
+use crate::pmd::{PmdError, Pmds};
+use crate::policy::qos::PortQos;
+use crate::policy::service::ServicePort;
+use crate::port::PortSpec;
+use crate::switch::Switch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("port {port}: qos: {source}")]
     Qos {
         port: String,
-        source: crate::qos::QosError,
+        source: crate::policy::qos::QosError,
     },
+    #[error(transparent)]
+    Pmd(#[from] PmdError),
     #[error(transparent)]
     Socket(#[from] common::socket::SocketError),
     #[error("cannot install signal handlers: {0}")]
@@ -42,6 +45,7 @@ pub enum ServeError {
 
 struct Hooks {
     switch: Arc<Switch>,
+    pmds: Arc<Pmds>,
     port: usize,
 }
 
@@ -57,6 +61,8 @@ impl SessionHooks<PortBackend> for Hooks {
     }
 
     fn detached(&self) {
+        // The forwarding thread lets go of the old rings before the port forgets them.
+        self.pmds.remove(self.port);
         self.switch.port_detached(self.port);
         let p = &self.switch.ports[self.port];
         let counters = common::memory::nonzero_counters(&p.stats.snapshot());
@@ -152,7 +158,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         let spec = PortSpec {
             name: p.name.clone(),
             vlan: p.vlan.clone(),
-            mac: p.mac.map(|m| Mac(m.0)),
+            mac: p.mac,
             anti_spoof: p.anti_spoof,
             mtu: p.mtu,
         };
@@ -176,6 +182,14 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         cfg.switch.mac_aging,
         limits,
     ));
+
+    let pmds = Pmds::start(switch.clone(), &cfg.switch.pmd)?;
+    info!(
+        threads = cfg.switch.pmd.threads,
+        cores = ?cfg.switch.pmd.cores,
+        poll_us = cfg.switch.pmd.poll.as_micros() as u64,
+        "forwarding threads started"
+    );
 
     // Claim every socket before serving any, so a bad path fails the start, not a port.
     let mut claimed = Vec::new();
@@ -218,7 +232,10 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
     threads.push(
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || crate::ctl::serve(ctl_switch, qos, control, &access))
+            .spawn({
+                let pmds = pmds.clone();
+                move || crate::ctl::serve(ctl_switch, pmds, qos, control, &access)
+            })
             .map_err(|source| ServeError::Thread {
                 port: "control".into(),
                 source,
@@ -228,6 +245,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         let name = cfg.ports[index].name.clone();
         let socket = cfg.ports[index].socket.display().to_string();
         let switch = switch.clone();
+        let pmds = pmds.clone();
         info!(port = %name, socket = %socket, vlan = ?switch.ports[index].spec.vlan, "port ready");
         let (sessions, next_session) = mpsc::channel::<Listener>();
         let relay_name = name.clone();
@@ -242,9 +260,10 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
         let t = std::thread::Builder::new()
             .name(format!("port-{name}"))
             .spawn(move || {
-                let backend = PortBackend::new(switch.clone(), index);
+                let backend = PortBackend::new(switch.clone(), pmds.clone(), index);
                 let hooks = Hooks {
                     switch,
+                    pmds,
                     port: index,
                 };
                 let start = |d: &mut VhostUserDaemon<PortBackend>| {

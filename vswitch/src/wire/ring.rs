@@ -21,12 +21,11 @@ use virtio_bindings::virtio_ring::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use crate::copy::HostRange;
-use crate::net::host_range;
-use crate::switch::Mem;
+use super::guest::{host_range, HostRange, Mem};
 
 const DESC_SIZE: usize = 16;
 /// Room for `size` entries of `entry` bytes after the 4-byte flags and index, plus the
@@ -55,6 +54,17 @@ pub enum RingError {
     NestedIndirect,
     #[error("a buffer of {len} bytes at {addr:#x} lies outside guest memory")]
     Buffer { addr: u64, len: u32 },
+}
+
+/// Why [`Ring::open`] gave no ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The guest's memory table changed while the avail index was read: the buffers it
+    /// names may lie in regions the view does not have.
+    #[error("guest memory changing")]
+    MemoryChanged,
 }
 
 /// What [`Ring::chain`] appended.
@@ -121,6 +131,22 @@ impl<'m> Ring<'m> {
         })
     }
 
+    /// The ring of `queue` over `view`, and how many chains the driver posted from the
+    /// queue's next avail position on. `current` is the guest's memory as it is now: the
+    /// answer holds only if `view` still is it.
+    pub fn open(
+        queue: &Queue,
+        view: &'m Mem,
+        current: &GuestMemoryAtomic<Mem>,
+    ) -> Result<(Ring<'m>, u16), OpenError> {
+        let ring = Ring::new(queue, view)?;
+        let posted = ring.posted(queue.next_avail())?;
+        if !std::ptr::eq(view, &*current.memory()) {
+            return Err(OpenError::MemoryChanged);
+        }
+        Ok((ring, posted))
+    }
+
     fn avail_u16(&self, offset: usize) -> &AtomicU16 {
         // SAFETY: every caller's offset is below area_len(size, 2) and even; the avail
         // area is that long, 2-aligned and mapped while `mem` is borrowed. AtomicU16 has
@@ -159,7 +185,7 @@ impl<'m> Ring<'m> {
             if head < self.size {
                 // wrapping_add: a prefetch address needs no provenance, and head < size
                 // keeps it inside the table anyway.
-                crate::copy::prefetch(self.desc.wrapping_add(usize::from(head) * DESC_SIZE));
+                super::copy::prefetch(self.desc.wrapping_add(usize::from(head) * DESC_SIZE));
             }
         }
     }

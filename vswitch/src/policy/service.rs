@@ -9,7 +9,7 @@ use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Mediu
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
-use crate::frame::Mac;
+use crate::wire::frame::Mac;
 
 /// In-memory frames in and out of the interface, like smoltcp's loopback device.
 #[derive(Default)]

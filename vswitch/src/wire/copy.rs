@@ -1,8 +1,8 @@
 //! The one copy: from the source guest's TX buffers straight into a destination guest's RX
 //! buffers, with the 802.1Q tag inserted or stripped on the way.
 
-use crate::frame::{tag_bytes, MACS_LEN, VLAN_HLEN};
-use crate::vlan::Egress;
+use super::frame::{tag_bytes, MACS_LEN, VLAN_HLEN};
+use super::guest::HostRange;
 
 /// Ask the CPU to start loading the cache line at `p`. Issued for a whole batch before it
 /// is processed, so the lines of all its frames and buffers arrive together instead of one
@@ -29,11 +29,27 @@ pub fn prefetch_write(p: *const u8) {
     };
 }
 
-/// A host memory range inside a guest mapping that the caller keeps alive.
-#[derive(Clone, Copy, Debug)]
-pub struct HostRange {
-    pub ptr: *mut u8,
-    pub len: usize,
+/// How a frame is written to an egress port, relative to how it arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Egress {
+    /// Bytes as they came.
+    AsIs,
+    /// Remove the 802.1Q tag.
+    Strip,
+    /// Insert a tag for this VLAN.
+    Insert(u16),
+}
+
+impl Egress {
+    /// The length on the wire of a frame of `len` bytes leaving this way (a tagged frame
+    /// is at least a tag longer than the MACs).
+    pub fn frame_len(self, len: usize) -> usize {
+        match self {
+            Egress::AsIs => len,
+            Egress::Strip => len.saturating_sub(VLAN_HLEN),
+            Egress::Insert(_) => len + VLAN_HLEN,
+        }
+    }
 }
 
 /// One piece of the byte stream written to the destination.

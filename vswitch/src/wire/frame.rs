@@ -33,6 +33,27 @@ impl std::fmt::Display for Mac {
     }
 }
 
+impl std::str::FromStr for Mac {
+    type Err = String;
+
+    /// `52:54:00:00:00:01` (or with `-`), each octet two hex digits.
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let bad = || format!("\"{s}\" is not a MAC address like 52:54:00:12:34:56");
+        let mut out = [0u8; 6];
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        for (o, p) in out.iter_mut().zip(parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        Ok(Mac(out))
+    }
+}
+
 /// What the switch reads from the start of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {

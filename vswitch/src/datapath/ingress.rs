@@ -1,179 +1,100 @@
-//! The vhost-user-net device of one port: features, config space, and the transmit path
-//! (guest → switch).
-
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+//! The first step of a frame: out of its guest's transmit ring. One pass takes up to a
+//! batch of chains, checks their buffers lie in guest memory, applies the port's transmit
+//! rate, reads each frame's headers once into switch memory, hands the well-formed frames
+//! to the forwarding decision, and returns every chain to the guest.
 
 use tracing::warn;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
-};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vm_memory::GuestAddressSpace;
 
-use crate::copy::{self, HostRange};
-use crate::frame::{self, PEEK_LEN};
-use crate::ring::Ring;
-use crate::switch::{Frame, Mem, Port, Scratch, Switch};
+use super::forward::{self, Frame};
+use crate::port::Port;
+use crate::switch::Switch;
+use crate::wire::copy;
+use crate::wire::frame::{self, PEEK_LEN};
+use crate::wire::guest::HostRange;
+use crate::wire::ring::{OpenError, Ring};
+use crate::wire::vnet::NET_HDR_LEN;
 use common::counters::bump;
 
-/// virtio_net_hdr_v1: 12 bytes whenever VERSION_1 is negotiated.
-pub const NET_HDR_LEN: usize = 12;
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
-const NUM_QUEUES: usize = 2;
-const QUEUE_SIZE: usize = 1024;
 /// Frames taken from a transmit ring per pass: what each pass costs (ring setup, locks,
 /// the FDB, one notification check) is shared by that many frames.
-const TX_BATCH: u16 = 64;
+pub const TX_BATCH: u16 = 64;
 /// Frames' worth of tokens a rate-limited port waits for before it resumes.
 const RATE_WAKEUP_FRAMES: u64 = 32;
-/// The port's rate-limit timer in its worker's epoll set; ids up to NUM_QUEUES are the
-/// library's (queues and the exit event).
-pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
-/// Host address range of `len` bytes at `addr`, if they lie in one memory region.
-pub fn host_range<M: GuestMemoryBackend>(
-    mem: &M,
-    addr: GuestAddress,
-    len: usize,
-) -> Option<HostRange> {
-    let ptr = common::memory::host_range(mem, addr, len as u64)?;
-    Some(HostRange { ptr, len })
+/// What one pass over a transmit ring found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// This many chains were taken (0: the ring was empty).
+    Took(usize),
+    /// The port's rate limit stopped the pass after this many chains; its timer resumes
+    /// it.
+    Throttled(usize),
+    /// The ring cannot be used (not ready, disabled, or broken by its guest): wait for the
+    /// next kick.
+    Unusable,
 }
 
-/// One switch port as a vhost-user-net backend.
-#[derive(Clone)]
-pub struct PortBackend {
-    switch: Arc<Switch>,
-    port: usize,
-    acked: Arc<AtomicU64>,
-    scratch: Arc<Mutex<TxScratch>>,
-}
-
-impl PortBackend {
-    pub fn new(switch: Arc<Switch>, port: usize) -> PortBackend {
-        PortBackend {
-            switch,
-            port,
-            acked: Arc::new(AtomicU64::new(0)),
-            scratch: Arc::new(Mutex::new(TxScratch::default())),
+/// Take what port `src`'s guest queued on `tx` (up to a batch), forward it, and return the
+/// chains. When the port's transmit rate does not allow a frame, it and the ones after it
+/// stay in the ring: backpressure, nothing dropped.
+pub fn pass(switch: &Switch, src: usize, tx: &VringRwLock, s: &mut Scratch) -> Pass {
+    let port = &switch.ports[src];
+    let Some(mem) = port.current_mem() else {
+        return Pass::Unusable;
+    };
+    let mut state = tx.get_mut();
+    if !state.is_enabled() || !state.get_queue().ready() {
+        // Stopped or reset under us (the frontend is going away or setting up again).
+        return Pass::Unusable;
+    }
+    let event_idx = state.get_queue().event_idx_enabled();
+    let queue = state.get_queue_mut();
+    let view = mem.memory();
+    let (ring, posted) = match Ring::open(queue, &view, &mem) {
+        Ok(r) => r,
+        // The memory table changed while the index was read: the next pass starts over
+        // with the new one, which holds every buffer posted so far.
+        Err(OpenError::MemoryChanged) => return Pass::Took(0),
+        Err(OpenError::Ring(e)) => {
+            // A guest that scribbles on its ring gets here on every kick.
+            let n = bump(&port.stats.ring_errors, 1);
+            if let Some(suppressed) = port.stats.may_log(&port.stats.ring_errors) {
+                warn!(port = %port.spec.name, count = n, suppressed, "unusable transmit ring: {e}");
+            }
+            return Pass::Unusable;
+        }
+    };
+    if posted == 0 {
+        return Pass::Took(0);
+    }
+    let next = queue.next_avail();
+    s.take(&ring, next, posted, port);
+    queue.set_next_avail(next.wrapping_add(s.heads.len() as u16));
+    let throttled = s.police(queue, port);
+    s.classify(port);
+    switch.forward_batch(src, &s.frames, &s.ranges, &mut s.forward);
+    let mut used = ring.used_batch(queue);
+    for &head in &s.heads {
+        ring.add_used(&mut used, head, 0);
+    }
+    if ring.publish_batch(used, queue, event_idx) {
+        if let Err(e) = state.signal_used_queue() {
+            warn!(port = %port.spec.name, "cannot notify the guest: {e}");
         }
     }
-
-    fn mergeable(&self) -> bool {
-        self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
-    }
-
-    fn current_mem(&self) -> Option<GuestMemoryAtomic<Mem>> {
-        self.switch.ports[self.port]
-            .mem
-            .read()
-            .ok()
-            .and_then(|m| m.clone())
-    }
-
-    /// Take the frames the guest queued for transmission and forward them, as long as the
-    /// port's TX rate allows. When it does not, the frame stays in the ring, guest
-    /// notifications stay off, and the port's timer resumes the work when tokens are back:
-    /// backpressure, nothing dropped.
-    fn process_tx(&self, tx: &VringRwLock) {
-        let Some(mem) = self.current_mem() else {
-            return;
-        };
-        let port = &self.switch.ports[self.port];
-        let mut guard = match self.scratch.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let s = &mut *guard;
-        // Kicks are off from the first pass until the ring is found empty; turning them off
-        // again on every pass would rewrite a word next to the used index the driver polls.
-        let mut kicks_on = true;
-        loop {
-            let mut state = tx.get_mut();
-            if !state.get_queue().ready() {
-                // Stopped or reset under us (the frontend is going away).
-                break;
-            }
-            if kicks_on {
-                if let Err(e) = state.disable_notification() {
-                    warn!(port = %port.spec.name, "cannot disable notifications: {e}");
-                }
-                kicks_on = false;
-            }
-            let event_idx = state.get_queue().event_idx_enabled();
-            let queue = state.get_queue_mut();
-            let view = mem.memory();
-            let next = queue.next_avail();
-            let (ring, posted) = match Ring::new(queue, &view)
-                .and_then(|r| r.posted(next).map(|n| (r, n)))
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    // Wait for the frontend to set the ring up again; a guest that
-                    // scribbles on its ring gets here on every kick.
-                    let n = bump(&port.stats.ring_errors, 1);
-                    if let Some(suppressed) = port.stats.may_log(&port.stats.ring_errors) {
-                        warn!(port = %port.spec.name, count = n, suppressed, "unusable transmit ring: {e}");
-                    }
-                    break;
-                }
-            };
-            if !std::ptr::eq(&*view, &*mem.memory()) {
-                // The guest's memory table changed while the index was read: start over
-                // with the new one, which holds every buffer posted so far.
-                continue;
-            }
-            s.take(&ring, next, posted, port);
-            queue.set_next_avail(next.wrapping_add(s.heads.len() as u16));
-            let throttled = s.police(queue, port);
-            s.classify(port);
-            self.switch
-                .forward_batch(self.port, &s.frames, &s.ranges, &mut s.switch);
-            let full = s.heads.len() == usize::from(TX_BATCH);
-            let mut used = ring.used_batch(queue);
-            for &head in &s.heads {
-                ring.add_used(&mut used, head, 0);
-            }
-            if ring.publish_batch(used, queue, event_idx) {
-                if let Err(e) = state.signal_used_queue() {
-                    warn!(port = %port.spec.name, "cannot notify the guest: {e}");
-                }
-            }
-            if throttled {
-                // Notifications stay off; the rate-limit timer resumes transmission.
-                break;
-            }
-            if full {
-                // More may be waiting: take it before paying for a notification round.
-                continue;
-            }
-            kicks_on = true;
-            match state.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(port = %port.spec.name, "cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
+    if throttled {
+        Pass::Throttled(s.heads.len())
+    } else {
+        Pass::Took(s.heads.len())
     }
 }
 
-/// A port worker's transmit batch, kept from batch to batch so forwarding does not allocate.
-struct TxScratch {
+/// A forwarding thread's transmit batch, kept from batch to batch so forwarding does not
+/// allocate.
+pub struct Scratch {
     /// Every chain taken, for the used ring (malformed ones too).
     heads: Vec<u16>,
     /// Chains that passed the memory checks: their index in `heads`, their ranges in
@@ -188,29 +109,29 @@ struct TxScratch {
     /// meanwhile. A frame's first range points here, so this must not move while a batch
     /// is forwarded: boxed, and never resized.
     heads_snapshot: Box<[[u8; PEEK_LEN]; TX_BATCH as usize]>,
-    switch: Scratch,
+    forward: forward::Scratch,
 }
 
 // SAFETY: the host pointers in `raw` and `ranges` are only dereferenced during the
-// `process_tx` call that filled them, while it holds the memory view they point into (or,
+// `pass` call that filled them, while it holds the memory view they point into (or,
 // for the heads, the scratch itself).
-unsafe impl Send for TxScratch {}
+unsafe impl Send for Scratch {}
 
-impl Default for TxScratch {
+impl Default for Scratch {
     fn default() -> Self {
-        TxScratch {
+        Scratch {
             heads: Vec::new(),
             chains: Vec::new(),
             raw: Vec::new(),
             frames: Vec::new(),
             ranges: Vec::new(),
             heads_snapshot: Box::new([[0; PEEK_LEN]; TX_BATCH as usize]),
-            switch: Scratch::default(),
+            forward: forward::Scratch::default(),
         }
     }
 }
 
-impl TxScratch {
+impl Scratch {
     /// Take up to a batch of the `posted` chains from avail position `next` on, and check
     /// that their buffers are device-readable and lie in guest memory.
     fn take(&mut self, ring: &Ring<'_>, next: u16, posted: u16, port: &Port) {
@@ -232,7 +153,7 @@ impl TxScratch {
                         Ok(_) => "device-writable descriptor in a transmit chain".to_string(),
                     };
                     self.raw.truncate(start);
-                    port_drop(port, &port.stats.drop_malformed, &what);
+                    port.count_drop(&port.stats.drop_malformed, &what);
                     continue;
                 }
             };
@@ -300,11 +221,7 @@ impl TxScratch {
         for &(_, start, end, total) in &self.chains {
             let raw = &self.raw[start..end];
             if total < NET_HDR_LEN + frame::ETH_HLEN {
-                port_drop(
-                    port,
-                    &port.stats.drop_malformed,
-                    "frame shorter than its headers",
-                );
+                port.count_drop(&port.stats.drop_malformed, "frame shorter than its headers");
                 continue;
             }
             let frame_len = total - NET_HDR_LEN;
@@ -337,11 +254,7 @@ impl TxScratch {
                     snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
                     if got < NET_HDR_LEN + peek_len {
                         // `total` said otherwise: cannot happen.
-                        port_drop(
-                            port,
-                            &port.stats.drop_malformed,
-                            "chain shorter than it said",
-                        );
+                        port.count_drop(&port.stats.drop_malformed, "chain shorter than it said");
                         continue;
                     }
                     head[1]
@@ -351,12 +264,11 @@ impl TxScratch {
             let hdr = match parsed {
                 (0, Ok(h)) => h,
                 (0, Err(e)) => {
-                    port_drop(port, &port.stats.drop_malformed, &e.to_string());
+                    port.count_drop(&port.stats.drop_malformed, &e.to_string());
                     continue;
                 }
                 _ => {
-                    port_drop(
-                        port,
+                    port.count_drop(
                         &port.stats.drop_malformed,
                         "GSO frame, but no GSO was offered",
                     );
@@ -371,7 +283,7 @@ impl TxScratch {
                     0
                 };
             if frame_len > limit {
-                port_drop(port, &port.stats.drop_mtu, "frame larger than the MTU");
+                port.count_drop(&port.stats.drop_mtu, "frame larger than the MTU");
                 continue;
             }
             // The frame's bytes: the snapshot of its head, then the chain's ranges past the
@@ -404,13 +316,6 @@ impl TxScratch {
     }
 }
 
-fn port_drop(port: &crate::switch::Port, counter: &AtomicU64, what: &str) {
-    let n = bump(counter, 1);
-    if let Some(suppressed) = port.stats.may_log(counter) {
-        warn!(port = %port.spec.name, count = n, suppressed, "dropped a frame: {what}");
-    }
-}
-
 /// Copy the first `out.len()` bytes of `ranges` into `out`; returns how many there were.
 fn gather(ranges: &[HostRange], out: &mut [u8]) -> usize {
     let mut done = 0;
@@ -427,119 +332,6 @@ fn gather(ranges: &[HostRange], out: &mut [u8]) -> usize {
     done
 }
 
-impl VhostUserBackend for PortBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        NUM_QUEUES
-    }
-
-    fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
-        // IN_ORDER: every ring's buffers are used in the order they were made available
-        // (the transmit path takes chains in ring order and returns them so, and delivery
-        // records each receive chain's used entry as it takes it). A driver that knows it,
-        // as DPDK's does, then frees and refills its descriptors in runs.
-        let mut f = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_F_IN_ORDER
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | 1 << VIRTIO_NET_F_MRG_RXBUF
-            | 1 << VIRTIO_NET_F_STATUS
-            | 1 << VIRTIO_NET_F_MTU
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.switch.ports[self.port].spec.mac.is_some() {
-            f |= 1 << VIRTIO_NET_F_MAC;
-        }
-        f
-    }
-
-    fn acked_features(&self, features: u64) {
-        self.acked.store(features, Ordering::Relaxed);
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    /// Nothing to keep: the vring applies EVENT_IDX itself, and the enable/disable
-    /// notification calls work in both modes.
-    fn set_event_idx(&self, _enabled: bool) {}
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
-        let spec = &self.switch.ports[self.port].spec;
-        let mut c = [0u8; 12];
-        if let Some(mac) = spec.mac {
-            c[..6].copy_from_slice(&mac.0);
-        }
-        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
-        c[10..12].copy_from_slice(&spec.mtu.to_le_bytes());
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(c.len());
-        let end = (offset as usize).saturating_add(size as usize).min(c.len());
-        out[..end - start].copy_from_slice(&c[start..end]);
-        out
-    }
-
-    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        self.switch.set_mem(self.port, mem);
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        vec![0b11]
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
-        else {
-            return Err(io::Error::other("port worker without its two queues"));
-        };
-        self.switch.attach_rx(self.port, rx, self.mergeable());
-        match device_event {
-            RX_QUEUE => {
-                // Receive buffers are taken only when a frame arrives (a full ring drops
-                // it), so the switch never waits for them: a kick per refill would cost the
-                // driver a syscall and this worker a wake-up for nothing. The first kick
-                // after the ring is set up turns them off (with EVENT_IDX the driver kicks
-                // only when its index passes the avail event the switch never moves).
-                if let Err(e) = rx.get_mut().disable_notification() {
-                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot disable receive kicks: {e}");
-                }
-            }
-            TX_QUEUE => self.process_tx(tx),
-            TIMER_EVENT => {
-                if let Err(e) = self.switch.ports[self.port].qos().timer.clear() {
-                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot clear the rate-limit timer: {e}");
-                }
-                self.process_tx(tx);
-            }
-            other => {
-                warn!(port = %self.switch.ports[self.port].spec.name, event = other, "unexpected event")
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -550,9 +342,14 @@ mod tests {
     use vm_memory::{Bytes, GuestMemoryMmap};
 
     use super::*;
+    use std::sync::Arc;
+
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
     use crate::config::{QosConfig, VlanMode};
-    use crate::qos::PortQos;
-    use crate::switch::PortSpec;
+    use crate::policy::qos::PortQos;
+    use crate::port::PortSpec;
+    use crate::wire::guest::Mem;
 
     const QSIZE: u16 = 16;
 
@@ -666,8 +463,8 @@ mod tests {
                 .expect("tx chain");
             index += c.len() as u16;
         }
-        let backend = PortBackend::new(switch.clone(), 0);
-        backend.process_tx(&tx);
+        let pass = super::pass(&switch, 0, &tx, &mut Scratch::default());
+        assert_eq!(pass, Pass::Took(chains.len()));
 
         assert_eq!(
             txq.used().idx().load(),
@@ -690,7 +487,7 @@ mod tests {
             assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
             let out = &got[NET_HDR_LEN..];
             assert_eq!(&out[..12], &frame[..12]);
-            assert_eq!(&out[12..16], &crate::frame::tag_bytes(10));
+            assert_eq!(&out[12..16], &crate::wire::frame::tag_bytes(10));
             assert!(out[16..] == frame[12..], "payload after the tag");
         }
     }

@@ -2,30 +2,7 @@
 //! leaves one.
 
 use crate::config::VlanMode;
-use crate::frame::VLAN_HLEN;
-
-/// How a frame is written to an egress port, relative to how it arrived.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Egress {
-    /// Bytes as they came.
-    AsIs,
-    /// Remove the 802.1Q tag.
-    Strip,
-    /// Insert a tag for this VLAN.
-    Insert(u16),
-}
-
-impl Egress {
-    /// The length on the wire of a frame of `len` bytes leaving this way (a tagged frame
-    /// is at least a tag longer than the MACs).
-    pub fn frame_len(self, len: usize) -> usize {
-        match self {
-            Egress::AsIs => len,
-            Egress::Strip => len.saturating_sub(VLAN_HLEN),
-            Egress::Insert(_) => len + VLAN_HLEN,
-        }
-    }
-}
+use crate::wire::copy::Egress;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IngressError {

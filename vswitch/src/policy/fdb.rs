@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
-use crate::frame::Mac;
+use crate::wire::frame::Mac;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {

@@ -1,0 +1,170 @@
+//! A port as a vhost-user-net device: the features and config space its guest sees, its
+//! guest memory, and its queues' events, which go to the port's forwarding thread.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::warn;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::pmd::Pmds;
+use crate::switch::Switch;
+use crate::wire::guest::Mem;
+
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+const NUM_QUEUES: usize = 2;
+const QUEUE_SIZE: usize = 1024;
+/// The port's rate-limit timer in its worker's epoll set; ids up to NUM_QUEUES are the
+/// library's (queues and the exit event).
+pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// One switch port as a vhost-user-net backend.
+#[derive(Clone)]
+pub struct PortBackend {
+    switch: Arc<Switch>,
+    pmds: Arc<Pmds>,
+    port: usize,
+    acked: Arc<AtomicU64>,
+}
+
+impl PortBackend {
+    pub fn new(switch: Arc<Switch>, pmds: Arc<Pmds>, port: usize) -> PortBackend {
+        PortBackend {
+            switch,
+            pmds,
+            port,
+            acked: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn mergeable(&self) -> bool {
+        self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+}
+
+impl VhostUserBackend for PortBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        // IN_ORDER: every ring's buffers are used in the order they were made available
+        // (the transmit path takes chains in ring order and returns them so, and delivery
+        // records each receive chain's used entry as it takes it). A driver that knows it,
+        // as DPDK's does, then frees and refills its descriptors in runs.
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_IN_ORDER
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MTU
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.switch.ports[self.port].spec.mac.is_some() {
+            f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    /// Nothing to keep: the vring applies EVENT_IDX itself, and the enable/disable
+    /// notification calls work in both modes.
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
+        let spec = &self.switch.ports[self.port].spec;
+        let mut c = [0u8; 12];
+        if let Some(mac) = spec.mac {
+            c[..6].copy_from_slice(&mac.0);
+        }
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&spec.mtu.to_le_bytes());
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(c.len());
+        let end = (offset as usize).saturating_add(size as usize).min(c.len());
+        out[..end - start].copy_from_slice(&c[start..end]);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        self.switch.set_mem(self.port, mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![0b11]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
+        else {
+            return Err(io::Error::other("port worker without its two queues"));
+        };
+        self.switch.attach_rx(self.port, rx, self.mergeable());
+        match device_event {
+            RX_QUEUE => {
+                // Receive buffers are taken only when a frame arrives (a full ring drops
+                // it), so the switch never waits for them: a kick per refill would cost the
+                // driver a syscall and this worker a wake-up for nothing. The first kick
+                // after the ring is set up turns them off (with EVENT_IDX the driver kicks
+                // only when its index passes the avail event the switch never moves).
+                if let Err(e) = rx.get_mut().disable_notification() {
+                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot disable receive kicks: {e}");
+                }
+            }
+            TX_QUEUE => self.pmds.kick(self.port, tx),
+            TIMER_EVENT => {
+                if let Err(e) = self.switch.ports[self.port].qos().timer.clear() {
+                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot clear the rate-limit timer: {e}");
+                }
+                self.pmds.kick(self.port, tx);
+            }
+            other => {
+                warn!(port = %self.switch.ports[self.port].spec.name, event = other, "unexpected event")
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,109 @@
+//! A switch port: how it is set up, its counters, its QoS state, and the guest it serves
+//! (memory and receive ring), which any forwarding thread may deliver to.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use tracing::warn;
+use vhost_user_backend::VringRwLock;
+use vm_memory::GuestMemoryAtomic;
+
+use crate::config::VlanMode;
+use crate::policy::qos::PortQos;
+use crate::wire::frame::Mac;
+use crate::wire::guest::Mem;
+use common::counters::bump;
+
+/// How a port is set up.
+#[derive(Clone, Debug)]
+pub struct PortSpec {
+    pub name: String,
+    pub vlan: VlanMode,
+    pub mac: Option<Mac>,
+    /// Drop frames whose source is not `mac`.
+    pub anti_spoof: bool,
+    pub mtu: u16,
+}
+
+// Per-port counters, named from the switch's side as OVS does: `rx` is what the port's
+// guest sent into the switch, `tx` what the switch delivered to the guest. `fdb_full`
+// counts the addresses of this port's guest learned into a full table (each took another
+// entry's place), `fdb_evicted` this port's entries that made that room.
+
+common::counters!(PortStats {
+    rx_packets,
+    rx_bytes,
+    tx_packets,
+    tx_bytes,
+    drop_no_rx_buffer,
+    drop_qos,
+    drop_storm,
+    tx_throttled,
+    drop_vlan,
+    drop_spoof,
+    drop_mtu,
+    drop_malformed,
+    drop_mac_limit,
+    fdb_full,
+    fdb_evicted,
+    ring_errors,
+});
+
+/// The guest-facing receive side of a port, fed by whichever thread has a frame for it.
+#[derive(Default)]
+pub struct RxSide {
+    pub vring: Option<VringRwLock>,
+    pub mem: Option<GuestMemoryAtomic<Mem>>,
+    pub mergeable: bool,
+}
+
+pub struct Port {
+    pub spec: PortSpec,
+    pub qos: Mutex<PortQos>,
+    pub stats: PortStats,
+    pub rx: Mutex<RxSide>,
+    pub mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
+}
+
+impl Port {
+    pub fn new(spec: PortSpec, qos: PortQos) -> Port {
+        Port {
+            spec,
+            qos: Mutex::new(qos),
+            stats: PortStats::default(),
+            rx: Mutex::new(RxSide::default()),
+            mem: RwLock::new(None),
+        }
+    }
+
+    pub fn qos(&self) -> MutexGuard<'_, PortQos> {
+        match self.qos.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn rx(&self) -> MutexGuard<'_, RxSide> {
+        match self.rx.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The guest's memory, while it has a session.
+    pub fn current_mem(&self) -> Option<GuestMemoryAtomic<Mem>> {
+        self.mem.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Count `frames` dropped for `what`, and log it (rate-limited per counter).
+    pub fn count_drops(&self, counter: &AtomicU64, frames: u64, what: &str) {
+        let n = bump(counter, frames);
+        if let Some(suppressed) = self.stats.may_log(counter) {
+            warn!(port = %self.spec.name, count = n, suppressed, "dropped a frame: {what}");
+        }
+    }
+
+    pub fn count_drop(&self, counter: &AtomicU64, what: &str) {
+        self.count_drops(counter, 1, what);
+    }
+}
