@@ -847,6 +847,26 @@ mod tests {
         let s = &c.switch;
         assert_eq!(s.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
         assert_eq!((s.mac_aging.as_secs(), s.mac_table_size), (300, 8192));
+        let one_unpinned = PmdSettings {
+            cores: vec![],
+            threads: 1,
+            poll: Duration::from_micros(DEFAULT_POLL_US.into()),
+        };
+        assert_eq!(s.pmd, one_unpinned);
+        let c = ok(&format!("[switch]\npmd_cores = [3, 1]\npoll_us = 0\n{P1}"));
+        let pinned = PmdSettings {
+            cores: vec![3, 1],
+            threads: 2,
+            poll: Duration::ZERO,
+        };
+        assert_eq!(c.switch.pmd, pinned);
+        assert_eq!(
+            ok(&format!("[switch]\npmd_threads = 4\n{P1}"))
+                .switch
+                .pmd
+                .threads,
+            4
+        );
         let p = &c.ports[0];
         assert_eq!((p.mode, p.mtu, p.mac), (PortMode::Server, 1500, None));
         assert_eq!((p.anti_spoof, p.mac_limit), (false, None));
@@ -954,6 +974,12 @@ mod tests {
         "[switch]\nmac_aging_secs = 0 => [switch] (line 1): mac_aging_secs: 0 is not between",
         "[switch]\nmac_table_size = -1 => [switch] (line 1): mac_table_size: -1 is not",
         "\n[switch]\nmac_aging = 1 => [switch] (line 2): mac_aging: unknown key",
+        "[switch]\npmd_cores = [1]\npmd_threads = 2 => pmd_threads: set pmd_cores (pinned",
+        "[switch]\npmd_cores = [1, 1] => pmd_cores: core 1 is listed twice",
+        "[switch]\npmd_cores = [] => pmd_cores: empty list",
+        "[switch]\npmd_cores = [-1] => pmd_cores: -1 is not between 0 and 1023",
+        "[switch]\npmd_threads = 0 => pmd_threads: 0 is not between 1 and 64",
+        "[switch]\npoll_us = 2_000_000 => poll_us: 2000000 is not between 0 and 1000000",
         "[switch]\ncontrol_socket = \"/tmp/vm1.sock\" => \
          [[port]] #1 \"vm1\" (line 3): socket: is [switch] control_socket",
         "[[vlan]]\nid = 4095 => [[vlan]] #1 (line 1): id: 4095 is not between 1 and 4094",
