@@ -540,7 +540,7 @@ fn forwarding_threads_poll_then_sleep() {
         &[("a", "vlan = 10"), ("b", "vlan = 10")],
     );
     let (a, b) = (switch.socket("a"), switch.socket("b"));
-    let mut rx = receiver(&[(&b, "02:00:00:00:0d:02")]);
+    let rx = receiver(&[(&b, "02:00:00:00:0d:02")]);
     let mut tx = sender(&[(&a, "02:00:00:00:0d:01")]);
     tx.run_for(BURST);
     let sent = tx.stats()[0].tx_packets;
