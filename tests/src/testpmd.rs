@@ -153,6 +153,7 @@ pub struct TestpmdBuilder {
     vdevs: Vec<Vdev>,
     args: Vec<String>,
     forward_lcore: u32,
+    queues: u16,
 }
 
 impl TestpmdBuilder {
@@ -170,6 +171,12 @@ impl TestpmdBuilder {
     /// `--tx-ip=10.0.0.1,10.0.0.2`, `--eth-peer=0,ff:ff:ff:ff:ff:ff`.
     pub fn arg(mut self, arg: impl Into<String>) -> TestpmdBuilder {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Queue pairs per port (`queues=N` on each vdev, `--rxq` and `--txq`). Default 1.
+    pub fn queues(mut self, n: u16) -> TestpmdBuilder {
+        self.queues = n;
         self
     }
 
@@ -205,8 +212,9 @@ impl TestpmdBuilder {
         for (i, v) in self.vdevs.iter().enumerate() {
             args.push("--vdev".into());
             args.push(format!(
-                "net_virtio_user{i},path={},queues=1,mac={}",
+                "net_virtio_user{i},path={},queues={},mac={}",
                 v.socket.display(),
+                self.queues,
                 v.mac
             ));
         }
@@ -215,6 +223,8 @@ impl TestpmdBuilder {
             "--nb-cores=1".into(),
             format!("--total-num-mbufs={MBUFS}"),
             "--port-topology=loop".into(),
+            format!("--rxq={}", self.queues),
+            format!("--txq={}", self.queues),
         ]);
         args.extend(self.args);
         let inner = testkit::testpmd::Testpmd::spawn(&self.name, &args, None, &mut || None)
@@ -258,6 +268,7 @@ impl Testpmd {
             vdevs: Vec::new(),
             args: Vec::new(),
             forward_lcore: 1,
+            queues: 1,
         }
     }
 

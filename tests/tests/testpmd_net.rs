@@ -598,3 +598,96 @@ fn forwarding_threads_poll_then_sleep() {
     rx.quit();
     switch.stop();
 }
+
+/// `rx_qN_*packets` of receiver `port`, per queue (`show port xstats`).
+fn rx_queue_packets(rx: &mut Testpmd, port: u16, queues: usize) -> Vec<u64> {
+    let text = rx.cmd(&format!("show port xstats {port}"));
+    (0..queues)
+        .map(|q| {
+            let names = [format!("rx_q{q}_good_packets:"), format!("rx_q{q}_packets:")];
+            text.lines()
+                .find_map(|l| {
+                    let l = l.trim();
+                    names
+                        .iter()
+                        .find_map(|n| l.strip_prefix(n.as_str()))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or_else(|| panic!("no {} in xstats:\n{text}", names[0]))
+        })
+        .collect()
+}
+
+/// Ports with two queue pairs (VIRTIO_NET_F_MQ, testpmd's virtio-user driver with
+/// `queues=2`): the sender's two transmit queues are served by two forwarding threads, and
+/// its many flows are spread over both of the receiver's queues, each flow to one.
+#[test]
+fn multiqueue_spreads_queues_over_threads_and_flows_over_queues() {
+    if !testpmd::require_testpmd(2) {
+        return;
+    }
+    let switch = Switch::with_config(
+        "pmd_threads = 2",
+        &[("a", "vlan = 10\nqueues = 2"), ("b", "vlan = 10\nqueues = 2")],
+    );
+    let (a, b) = (switch.socket("a"), switch.socket("b"));
+    let mut rx = Testpmd::builder("rx")
+        .forward_lcore(0)
+        .queues(2)
+        .port(&b, "02:00:00:00:0e:02")
+        .spawn();
+    rx.set_fwd("rxonly");
+    rx.start();
+    let mut tx = Testpmd::builder("tx")
+        .forward_lcore(1)
+        .queues(2)
+        .arg("--txpkts=64")
+        // A new source IP for each frame: many flows.
+        .arg("--txonly-multi-flow")
+        .port(&a, "02:00:00:00:0e:01")
+        .spawn();
+    tx.set_fwd("txonly");
+    tx.set_eth_peer(0, "02:00:00:00:0e:02");
+    tx.run_for(BURST);
+    let sent = tx.stats()[0].tx_packets;
+    assert!(sent > 0, "the sender sent nothing");
+    let now = wait_ingress(&switch, "a", sent);
+    let delivered = get(&now["b"], "tx_packets");
+    assert_eq!(
+        delivered + get(&now["b"], "drop_no_rx_buffer"),
+        sent,
+        "b: {:?}",
+        now["b"]
+    );
+
+    let pmd = switch.ctl_json(&["pmd"]);
+    let mut a_queues = Vec::new();
+    for t in pmd["pmds"].as_array().expect("pmds") {
+        for q in t["queues"].as_array().expect("queues") {
+            if q["port"] == "a" {
+                a_queues.push((t["id"].as_u64(), q["queue"].clone(), q["frames"].as_u64()));
+            }
+        }
+    }
+    a_queues.sort_by_key(|q| q.1.to_string());
+    assert_eq!(a_queues.len(), 2, "both of a's transmit queues are served: {pmd}");
+    assert_ne!(a_queues[0].0, a_queues[1].0, "on two threads: {pmd}");
+    assert!(
+        a_queues.iter().all(|q| q.2 > Some(0)),
+        "both carried frames: {pmd}"
+    );
+    let total: u64 = a_queues.iter().filter_map(|q| q.2).sum();
+    assert_eq!(total, sent, "the threads took every frame a sent: {pmd}");
+
+    wait_rx(&mut rx, 0, delivered);
+    let per_queue = rx_queue_packets(&mut rx, 0, 2);
+    assert_eq!(per_queue.iter().sum::<u64>(), delivered, "{per_queue:?}");
+    assert!(
+        per_queue.iter().all(|&n| n > delivered / 10),
+        "the flows are spread over both receive queues: {per_queue:?}"
+    );
+    eprintln!("multiqueue: a's queues {a_queues:?}, b's receive queues {per_queue:?}");
+    tx.quit();
+    rx.quit();
+    switch.stop();
+}

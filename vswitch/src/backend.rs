@@ -10,8 +10,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryAtomic;
@@ -24,13 +24,7 @@ use crate::pmd::Pmds;
 use crate::switch::Switch;
 use crate::wire::guest::Mem;
 
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
-const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: usize = 1024;
-/// The port's rate-limit timer in its worker's epoll set; ids up to NUM_QUEUES are the
-/// library's (queues and the exit event).
-pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// One switch port as a vhost-user-net backend.
 #[derive(Clone)]
@@ -51,6 +45,16 @@ impl PortBackend {
         }
     }
 
+    fn queue_pairs(&self) -> u16 {
+        self.switch.ports[self.port].spec.queues.max(1)
+    }
+
+    /// The port's rate-limit timer in its worker's epoll set: ids up to the number of
+    /// queues are the library's (the queues, then its exit event).
+    pub fn timer_event(&self) -> u16 {
+        2 * self.queue_pairs() + 1
+    }
+
     fn mergeable(&self) -> bool {
         self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
     }
@@ -60,8 +64,9 @@ impl VhostUserBackend for PortBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
 
+    /// Receive queue k is 2k, transmit queue k is 2k + 1.
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * usize::from(self.queue_pairs())
     }
 
     fn max_queue_size(&self) -> usize {
@@ -84,6 +89,11 @@ impl VhostUserBackend for PortBackend {
         if self.switch.ports[self.port].spec.mac.is_some() {
             f |= 1 << VIRTIO_NET_F_MAC;
         }
+        if self.queue_pairs() > 1 {
+            // The control queue that sets how many pairs are in use is the frontend's
+            // (QEMU, virtio-user): it enables each pair with SET_VRING_ENABLE.
+            f |= 1 << VIRTIO_NET_F_MQ;
+        }
         f
     }
 
@@ -95,6 +105,7 @@ impl VhostUserBackend for PortBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::MQ
     }
 
     /// Nothing to keep: the vring applies EVENT_IDX itself, and the enable/disable
@@ -109,7 +120,7 @@ impl VhostUserBackend for PortBackend {
             c[..6].copy_from_slice(&mac.0);
         }
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&self.queue_pairs().to_le_bytes());
         c[10..12].copy_from_slice(&spec.mtu.to_le_bytes());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(c.len());
@@ -124,7 +135,8 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![0b11]
+        // One worker for all queues: it only wakes the forwarding threads.
+        vec![(1u64 << self.num_queues()) - 1]
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -138,32 +150,32 @@ impl VhostUserBackend for PortBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
-        else {
-            return Err(io::Error::other("port worker without its two queues"));
-        };
-        self.switch.attach_rx(self.port, rx, self.mergeable());
-        match device_event {
-            RX_QUEUE => {
+        let port = &self.switch.ports[self.port];
+        let mergeable = self.mergeable();
+        for (q, rx) in vrings.iter().step_by(2).enumerate() {
+            self.switch.attach_rx(self.port, q, rx, mergeable);
+        }
+        let event = usize::from(device_event);
+        if device_event == self.timer_event() {
+            if let Err(e) = port.qos().timer.clear() {
+                warn!(port = %port.spec.name, "cannot clear the rate-limit timer: {e}");
+            }
+            self.pmds.resume(self.port);
+        } else if let Some(vring) = vrings.get(event) {
+            if event % 2 == 0 {
                 // Receive buffers are taken only when a frame arrives (a full ring drops
                 // it), so the switch never waits for them: a kick per refill would cost the
                 // driver a syscall and this worker a wake-up for nothing. The first kick
                 // after the ring is set up turns them off (with EVENT_IDX the driver kicks
                 // only when its index passes the avail event the switch never moves).
-                if let Err(e) = rx.get_mut().disable_notification() {
-                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot disable receive kicks: {e}");
+                if let Err(e) = vring.get_mut().disable_notification() {
+                    warn!(port = %port.spec.name, "cannot disable receive kicks: {e}");
                 }
+            } else {
+                self.pmds.kick(self.port, event / 2, vring);
             }
-            TX_QUEUE => self.pmds.kick(self.port, tx),
-            TIMER_EVENT => {
-                if let Err(e) = self.switch.ports[self.port].qos().timer.clear() {
-                    warn!(port = %self.switch.ports[self.port].spec.name, "cannot clear the rate-limit timer: {e}");
-                }
-                self.pmds.kick(self.port, tx);
-            }
-            other => {
-                warn!(port = %self.switch.ports[self.port].spec.name, event = other, "unexpected event")
-            }
+        } else {
+            warn!(port = %port.spec.name, event, "unexpected event");
         }
         Ok(())
     }

@@ -45,6 +45,9 @@ const MAX_PMD_THREADS: i64 = 64;
 /// CPU_SETSIZE: what sched_setaffinity can name.
 const MAX_CORE: i64 = 1023;
 pub const DEFAULT_MTU: u16 = 1500;
+/// Queue pairs a port may offer: as many as QEMU's vhost-user-net takes in practice, and
+/// more than the forwarding threads of any machine this runs on.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 pub const MIN_MTU: u16 = 68;
 pub const MAX_MTU: u16 = 9000;
 /// Ethernet header plus one VLAN tag: a frame is at most `mtu + FRAME_OVERHEAD` bytes.
@@ -111,6 +114,8 @@ pub struct PortConfig {
     pub anti_spoof: bool,
     pub mac_limit: Option<u32>,
     pub mtu: u16,
+    /// Queue pairs offered to the guest (VIRTIO_NET_F_MQ when more than one).
+    pub queues: u16,
     pub qos: QosConfig,
 }
 
@@ -431,6 +436,7 @@ struct FilePort {
     anti_spoof: bool,
     mac_limit: Option<i64>,
     mtu: Option<i64>,
+    queues: Option<i64>,
     #[serde(default)]
     qos: QosConfig,
 }
@@ -672,6 +678,7 @@ fn port_config(t: Table, defaults: &SwitchSettings) -> Result<PortConfig, Bad> {
         MIN_MTU.into(),
         MAX_MTU.into(),
     )? as u16;
+    let queues = ranged("queues", f.queues.unwrap_or(1), 1, MAX_QUEUE_PAIRS.into())? as u16;
     let mut qos = QosConfig::default();
     for key in QosConfig::KEYS {
         let n = f.qos.get(key).unwrap_or(0);
@@ -695,6 +702,7 @@ fn port_config(t: Table, defaults: &SwitchSettings) -> Result<PortConfig, Bad> {
         anti_spoof: f.anti_spoof,
         mac_limit,
         mtu,
+        queues,
         qos,
     })
 }
@@ -929,6 +937,8 @@ mod tests {
         "mac = \"ff:ff:ff:ff:ff:ff\" => mac: ff:ff:ff:ff:ff:ff is multicast",
         "mac = \"00:00:00:00:00:00\" => mac: 00:00:00:00:00:00 is multicast",
         "mtu = 67 => mtu: 67 is not between 68 and 9000",
+        "queues = 0 => queues: 0 is not between 1 and 16",
+        "queues = 17 => queues: 17 is not between 1 and 16",
         "mtu = 9001 => mtu: 9001 is not between 68 and 9000",
         "mtu = \"big\" => mtu: invalid type: string \"big\"",
         "mac_limit = 0 => mac_limit: 0 is not between 1",

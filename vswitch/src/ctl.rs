@@ -66,7 +66,7 @@ fn handle(
                 .iter()
                 .zip(qos)
                 .map(|(p, q)| {
-                    let connected = p.rx().vring.is_some();
+                    let connected = p.connected();
                     let settings: serde_json::Map<String, Value> = QosConfig::KEYS
                         .iter()
                         .filter_map(|k| {
@@ -81,6 +81,7 @@ fn handle(
                         "mac": p.spec.mac.map(|m| m.to_string()),
                         "anti_spoof": p.spec.anti_spoof,
                         "mtu": p.spec.mtu,
+                        "queues": p.spec.queues,
                         "guest_connected": connected,
                         "qos": settings,
                     })

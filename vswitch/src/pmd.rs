@@ -32,6 +32,8 @@ const BATCH_BUCKETS: [(usize, &str); 5] = [
 /// A port's transmit queue, as its forwarding thread sees it.
 pub struct TxQueue {
     port: usize,
+    /// Its index among the port's transmit queues.
+    index: usize,
     vring: VringRwLock,
     /// The queue needs its thread while the thread is not polling it: a kick, or the
     /// rate-limit timer.
@@ -88,8 +90,8 @@ type Assigned = Option<(usize, Arc<TxQueue>)>;
 /// The forwarding threads, and which one serves each port.
 pub struct Pmds {
     pmds: Vec<Arc<Pmd>>,
-    /// Per port: its thread and queue, once its guest kicked.
-    by_port: Mutex<Vec<Assigned>>,
+    /// Per port, per transmit queue: its thread and queue, once its guest kicked it.
+    by_port: Mutex<Vec<Vec<Assigned>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,22 +133,29 @@ impl Pmds {
         }
         Ok(Arc::new(Pmds {
             pmds,
-            by_port: Mutex::new(vec![None; switch.ports.len()]),
+            by_port: Mutex::new(
+                switch
+                    .ports
+                    .iter()
+                    .map(|p| vec![None; usize::from(p.spec.queues.max(1))])
+                    .collect(),
+            ),
         }))
     }
 
-    fn by_port(&self) -> MutexGuard<'_, Vec<Assigned>> {
+    fn by_port(&self) -> MutexGuard<'_, Vec<Vec<Assigned>>> {
         match self.by_port.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
-    /// Port `port`'s transmit queue `vring` has work: a kick, or its rate-limit timer. The
-    /// first kick of a session gives the queue to the thread with the fewest.
-    pub fn kick(&self, port: usize, vring: &VringRwLock) {
+    /// Transmit queue `index` (`vring`) of port `port` has work: a kick. The first kick of
+    /// a session gives the queue to the thread with the fewest, so a port's queues spread
+    /// over the threads.
+    pub fn kick(&self, port: usize, index: usize, vring: &VringRwLock) {
         let mut by_port = self.by_port();
-        let Some(slot) = by_port.get_mut(port) else {
+        let Some(slot) = by_port.get_mut(port).and_then(|p| p.get_mut(index)) else {
             return;
         };
         let (pmd, queue) = match slot {
@@ -158,6 +167,7 @@ impl Pmds {
                 };
                 let queue = Arc::new(TxQueue {
                     port,
+                    index,
                     vring: vring.clone(),
                     pending: AtomicBool::new(false),
                     frames: AtomicU64::new(0),
@@ -175,30 +185,46 @@ impl Pmds {
         self.pmds[pmd].wake();
     }
 
-    /// Port `port`'s guest went away: take its queue from its thread, and return once the
-    /// thread no longer touches it.
+    /// Port `port`'s rate-limit timer fired: its throttled queues may send again.
+    pub fn resume(&self, port: usize) {
+        let queues: Vec<(usize, Arc<TxQueue>)> = self
+            .by_port()
+            .get(port)
+            .map(|p| p.iter().flatten().cloned().collect())
+            .unwrap_or_default();
+        for (pmd, queue) in queues {
+            queue.pending.store(true, Ordering::Release);
+            self.pmds[pmd].wake();
+        }
+    }
+
+    /// Port `port`'s guest went away: take its queues from their threads, and return once
+    /// the threads no longer touch them.
     pub fn remove(&self, port: usize) {
-        let Some((pmd, queue)) = self.by_port().get_mut(port).and_then(Option::take) else {
-            return;
+        let taken: Vec<(usize, Arc<TxQueue>)> = match self.by_port().get_mut(port) {
+            Some(p) => p.iter_mut().filter_map(Option::take).collect(),
+            None => return,
         };
-        let p = &self.pmds[pmd];
-        let generation = {
-            let mut queues = p.queues();
-            queues.retain(|q| !Arc::ptr_eq(q, &queue));
-            p.generation.fetch_add(1, Ordering::AcqRel) + 1
-        };
-        p.wake();
-        let start = Instant::now();
-        let mut warned = false;
-        while p.seen.load(Ordering::Acquire) < generation {
-            if !warned && start.elapsed() > REMOVE_WARN {
-                error!(
-                    pmd,
-                    "forwarding thread has not let go of a removed queue after {REMOVE_WARN:?}"
-                );
-                warned = true;
+        for (pmd, queue) in taken {
+            let p = &self.pmds[pmd];
+            let generation = {
+                let mut queues = p.queues();
+                queues.retain(|q| !Arc::ptr_eq(q, &queue));
+                p.generation.fetch_add(1, Ordering::AcqRel) + 1
+            };
+            p.wake();
+            let start = Instant::now();
+            let mut warned = false;
+            while p.seen.load(Ordering::Acquire) < generation {
+                if !warned && start.elapsed() > REMOVE_WARN {
+                    error!(
+                        pmd,
+                        "forwarding thread has not let go of a removed queue after {REMOVE_WARN:?}"
+                    );
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_micros(50));
             }
-            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
@@ -221,7 +247,7 @@ impl Pmds {
                         let qbusy = get(&q.busy_ns);
                         serde_json::json!({
                             "port": name,
-                            "queue": "tx0",
+                            "queue": format!("tx{}", q.index),
                             "frames": get(&q.frames),
                             "busy_ns": qbusy,
                             "usage_pct": percent(qbusy, busy),

@@ -23,6 +23,8 @@ pub struct PortSpec {
     /// Drop frames whose source is not `mac`.
     pub anti_spoof: bool,
     pub mtu: u16,
+    /// Queue pairs the guest may use.
+    pub queues: u16,
 }
 
 // Per-port counters, named from the switch's side as OVS does: `rx` is what the port's
@@ -49,9 +51,11 @@ common::counters!(PortStats {
     ring_errors,
 });
 
-/// The guest-facing receive side of a port, fed by whichever thread has a frame for it.
+/// One of a port's receive queues, fed by whichever thread has a frame for it. Each has
+/// its own lock, so threads delivering to different queues of a port do not wait for each
+/// other; a session ending takes every one of them before the port forgets its rings.
 #[derive(Default)]
-pub struct RxSide {
+pub struct RxQueue {
     pub vring: Option<VringRwLock>,
     pub mem: Option<GuestMemoryAtomic<Mem>>,
     pub mergeable: bool,
@@ -61,18 +65,20 @@ pub struct Port {
     pub spec: PortSpec,
     pub qos: Mutex<PortQos>,
     pub stats: PortStats,
-    pub rx: Mutex<RxSide>,
+    pub rx: Vec<Mutex<RxQueue>>,
     pub mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
 }
 
 impl Port {
     pub fn new(spec: PortSpec, qos: PortQos) -> Port {
         Port {
-            spec,
             qos: Mutex::new(qos),
             stats: PortStats::default(),
-            rx: Mutex::new(RxSide::default()),
+            rx: (0..spec.queues.max(1))
+                .map(|_| Mutex::new(RxQueue::default()))
+                .collect(),
             mem: RwLock::new(None),
+            spec,
         }
     }
 
@@ -83,11 +89,18 @@ impl Port {
         }
     }
 
-    pub fn rx(&self) -> MutexGuard<'_, RxSide> {
-        match self.rx.lock() {
+    /// Receive queue `q`; the port has at least one.
+    pub fn rx(&self, q: usize) -> MutexGuard<'_, RxQueue> {
+        let m = self.rx.get(q).unwrap_or(&self.rx[0]);
+        match m.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// Whether a guest has set up a receive queue.
+    pub fn connected(&self) -> bool {
+        (0..self.rx.len()).any(|q| self.rx(q).vring.is_some())
     }
 
     /// The guest's memory, while it has a session.

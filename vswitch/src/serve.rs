@@ -15,7 +15,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{PortBackend, TIMER_EVENT};
+use crate::backend::PortBackend;
 use crate::config::{PortMode, SwitchConfig};
 use crate::pmd::{PmdError, Pmds};
 use crate::policy::qos::PortQos;
@@ -47,6 +47,8 @@ struct Hooks {
     switch: Arc<Switch>,
     pmds: Arc<Pmds>,
     port: usize,
+    /// The rate-limit timer's id in the worker's epoll set.
+    timer_event: u16,
 }
 
 impl SessionHooks<PortBackend> for Hooks {
@@ -54,7 +56,7 @@ impl SessionHooks<PortBackend> for Hooks {
         let fd = self.switch.ports[self.port].qos().timer.as_raw_fd();
         for handler in daemon.get_epoll_handlers() {
             handler
-                .register_listener(fd, EventSet::IN, u64::from(TIMER_EVENT))
+                .register_listener(fd, EventSet::IN, u64::from(self.timer_event))
                 .map_err(|e| format!("cannot watch the rate-limit timer: {e}"))?;
         }
         Ok(())
@@ -161,6 +163,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
             mac: p.mac,
             anti_spoof: p.anti_spoof,
             mtu: p.mtu,
+            queues: p.queues,
         };
         specs.push((spec, qos));
     }
@@ -265,6 +268,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
                     switch,
                     pmds,
                     port: index,
+                    timer_event: backend.timer_event(),
                 };
                 let start = |d: &mut VhostUserDaemon<PortBackend>| {
                     let mut listener = next_session

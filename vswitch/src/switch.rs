@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryAtomic;
 use crate::policy::fdb::Fdb;
 use crate::policy::qos::PortQos;
 use crate::policy::service::ServicePort;
-use crate::port::{Port, PortSpec, RxSide};
+use crate::port::{Port, PortSpec, RxQueue};
 use crate::wire::frame::Mac;
 use crate::wire::guest::Mem;
 
@@ -62,7 +62,9 @@ impl Switch {
     pub fn port_detached(&self, port: usize) {
         self.fdb().flush_port(port);
         let p = &self.ports[port];
-        *p.rx() = RxSide::default();
+        for q in 0..p.rx.len() {
+            *p.rx(q) = RxQueue::default();
+        }
         if let Ok(mut m) = p.mem.write() {
             *m = None;
         }
@@ -74,12 +76,15 @@ impl Switch {
         if let Ok(mut m) = p.mem.write() {
             *m = Some(mem.clone());
         }
-        p.rx().mem = Some(mem);
+        for q in 0..p.rx.len() {
+            p.rx(q).mem = Some(mem.clone());
+        }
     }
 
-    /// The port's worker saw its queues: senders may fill its receive ring from now on.
-    pub fn attach_rx(&self, port: usize, vring: &VringRwLock, mergeable: bool) {
-        let mut rx = self.ports[port].rx();
+    /// The port's worker saw its queues: senders may fill receive queue `queue` from now
+    /// on.
+    pub fn attach_rx(&self, port: usize, queue: usize, vring: &VringRwLock, mergeable: bool) {
+        let mut rx = self.ports[port].rx(queue);
         if rx.vring.is_none() {
             rx.vring = Some(vring.clone());
         }

@@ -11,7 +11,7 @@ use vm_memory::GuestAddressSpace;
 
 use crate::port::Port;
 use crate::wire::copy::{self, Egress, Piece};
-use crate::wire::frame::{ETH_HLEN, PEEK_LEN, VLAN_HLEN};
+use crate::wire::frame::{self, ETH_HLEN, FLOW_PEEK, PEEK_LEN, VLAN_HLEN};
 use crate::wire::guest::HostRange;
 use crate::wire::ring::Ring;
 use crate::wire::vnet::{self, NET_HDR_LEN};
@@ -62,6 +62,9 @@ pub struct Scratch {
     /// The entries of `used` that hold the frame being planned (their capacity until the
     /// frame fits).
     frame_chains: Vec<usize>,
+    /// A multiqueue destination's enabled receive queues, and the frames for each.
+    active: Vec<usize>,
+    by_queue: Vec<Vec<Out>>,
 }
 
 // SAFETY: the host pointers in `plans`, `pieces` and `dest` are only dereferenced during
@@ -70,14 +73,56 @@ pub struct Scratch {
 unsafe impl Send for Scratch {}
 
 /// Copy `items` (frames in `ranges`, in the sender's memory, which the caller holds) into
-/// port `p`'s receive ring, in order. A frame that finds no room is dropped for this port
-/// only, with a counter.
+/// port `p`'s receive queues, in order; with several queues, each flow to one of them. A
+/// frame that finds no room is dropped for this port only, with a counter.
 pub fn deliver(p: &Port, items: &[Out], ranges: &[HostRange], s: &mut Scratch) {
     admit(p, items, s);
     if s.accepted.is_empty() {
         return;
     }
-    let rx = p.rx();
+    if p.rx.len() == 1 {
+        fill(p, 0, ranges, s);
+        return;
+    }
+    s.active.clear();
+    for q in 0..p.rx.len() {
+        let enabled = p
+            .rx(q)
+            .vring
+            .as_ref()
+            .is_some_and(|v| v.get_ref().is_enabled());
+        if enabled {
+            s.active.push(q);
+        }
+    }
+    if s.active.len() <= 1 {
+        fill(p, s.active.first().copied().unwrap_or(0), ranges, s);
+        return;
+    }
+    if s.by_queue.len() < p.rx.len() {
+        s.by_queue.resize_with(p.rx.len(), Vec::new);
+    }
+    let mut head = [0u8; FLOW_PEEK];
+    for o in &s.accepted {
+        let n = copy::gather(&ranges[o.start..o.end], &mut head);
+        let h = frame::flow_hash(&head[..n]) as usize;
+        s.by_queue[s.active[h % s.active.len()]].push(*o);
+    }
+    for k in 0..s.active.len() {
+        let q = s.active[k];
+        if s.by_queue[q].is_empty() {
+            continue;
+        }
+        std::mem::swap(&mut s.accepted, &mut s.by_queue[q]);
+        fill(p, q, ranges, s);
+        std::mem::swap(&mut s.accepted, &mut s.by_queue[q]);
+        s.by_queue[q].clear();
+    }
+}
+
+/// Copy the frames in `s.accepted` into receive queue `q` of port `p`.
+fn fill(p: &Port, q: usize, ranges: &[HostRange], s: &mut Scratch) {
+    let rx = p.rx(q);
     let mergeable = rx.mergeable;
     let (Some(vring), Some(mem)) = (rx.vring.as_ref(), rx.mem.as_ref()) else {
         // No guest (yet) on that port.
@@ -85,6 +130,14 @@ pub fn deliver(p: &Port, items: &[Out], ranges: &[HostRange], s: &mut Scratch) {
         return;
     };
     let mut state = vring.get_mut();
+    if !state.is_enabled() {
+        p.count_drops(
+            &p.stats.drop_no_rx_buffer,
+            s.accepted.len() as u64,
+            "receive queue not enabled",
+        );
+        return;
+    }
     let event_idx = state.get_queue().event_idx_enabled();
     let queue = state.get_queue_mut();
     let view = mem.memory();

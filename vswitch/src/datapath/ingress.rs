@@ -250,7 +250,7 @@ impl Scratch {
                 }
                 _ => {
                     let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
-                    let got = gather(raw, &mut head);
+                    let got = copy::gather(raw, &mut head);
                     snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
                     if got < NET_HDR_LEN + peek_len {
                         // `total` said otherwise: cannot happen.
@@ -316,22 +316,6 @@ impl Scratch {
     }
 }
 
-/// Copy the first `out.len()` bytes of `ranges` into `out`; returns how many there were.
-fn gather(ranges: &[HostRange], out: &mut [u8]) -> usize {
-    let mut done = 0;
-    for r in ranges {
-        if done == out.len() {
-            break;
-        }
-        let n = r.len.min(out.len() - done);
-        // SAFETY: `r` is a validated range of the sender's guest memory, held by the caller;
-        // `out` has room for n more bytes.
-        unsafe { std::ptr::copy(r.ptr.cast_const(), out[done..].as_mut_ptr(), n) };
-        done += n;
-    }
-    done
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -360,6 +344,7 @@ mod tests {
             mac: None,
             anti_spoof: false,
             mtu: 1500,
+            queues: 1,
         };
         (spec, PortQos::new(&QosConfig::default()).expect("qos"))
     }
@@ -420,7 +405,7 @@ mod tests {
         let txq = MockSplitQueue::new(&*ma, QSIZE);
         let rxq = MockSplitQueue::new(&*mb, QSIZE);
         let (tx, rx) = (vring(&mem_a, &txq), vring(&mem_b, &rxq));
-        switch.attach_rx(1, &rx, true);
+        switch.attach_rx(1, 0, &rx, true);
 
         // Port b's guest posted two 2 KiB receive buffers.
         rxq.add_desc_chains(&chain(&[(0x4_0000, 2048, true)], 0), 0)

@@ -153,6 +153,22 @@ pub unsafe fn copy(pieces: &[Piece], dest: &[HostRange]) {
     }
 }
 
+/// Copy the first `out.len()` bytes of `ranges` into `out`; returns how many there were.
+pub fn gather(ranges: &[HostRange], out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for r in ranges {
+        if done == out.len() {
+            break;
+        }
+        let n = r.len.min(out.len() - done);
+        // SAFETY: `r` is a validated range of guest memory (or switch memory), held by the caller;
+        // `out` has room for n more bytes.
+        unsafe { std::ptr::copy(r.ptr.cast_const(), out[done..].as_mut_ptr(), n) };
+        done += n;
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

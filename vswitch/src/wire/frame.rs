@@ -104,6 +104,61 @@ pub fn parse(peek: &[u8], len: usize) -> Result<Header, FrameError> {
     })
 }
 
+/// How much of a frame [`flow_hash`] reads: Ethernet, a tag, an IPv4 header with
+/// options or an IPv6 header, and the ports.
+pub const FLOW_PEEK: usize = ETH_HLEN + VLAN_HLEN + 60 + 4;
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// Protocols whose first four bytes are the source and destination ports.
+const PORTED: [u8; 3] = [6, 17, 132];
+
+/// A hash of the flow a frame belongs to, given its first bytes (up to [`FLOW_PEEK`]): the
+/// IP addresses, protocol and TCP/UDP/SCTP ports where it has them, else its MACs. It only
+/// picks one of a destination's receive queues, so the frames of a flow stay in order;
+/// whatever the guest wrote, it is some queue.
+pub fn flow_hash(b: &[u8]) -> u32 {
+    let be16 = |o: usize| b.get(o..o + 2).map(|x| u16::from_be_bytes([x[0], x[1]]));
+    let mut o = ETH_HLEN;
+    let mut ethertype = be16(12);
+    if ethertype == Some(TPID_8021Q) {
+        o += VLAN_HLEN;
+        ethertype = be16(16);
+    }
+    let key: Option<(&[u8], u8, usize)> = match ethertype {
+        Some(ETHERTYPE_IPV4) => b.get(o..o + 20).map(|ip| {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 || ip[6] & 0x20 != 0;
+            let ports = if fragment { 0 } else { o + ihl };
+            (&ip[12..20], ip[9], ports)
+        }),
+        Some(ETHERTYPE_IPV6) => b.get(o..o + 40).map(|ip| (&ip[8..40], ip[6], o + 40)),
+        _ => None,
+    };
+    let mut h: u64 = 0;
+    let mut mix = |bytes: &[u8]| {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h ^= h >> 29;
+        }
+    };
+    match key {
+        Some((addrs, proto, ports)) => {
+            mix(addrs);
+            mix(&[proto]);
+            if PORTED.contains(&proto) && ports > 0 {
+                if let Some(p) = b.get(ports..ports + 4) {
+                    mix(p);
+                }
+            }
+        }
+        None => mix(b.get(..MACS_LEN).unwrap_or(b)),
+    }
+    (h >> 32) as u32
+}
+
 /// The 4 tag bytes for `vid` (priority 0).
 pub fn tag_bytes(vid: u16) -> [u8; VLAN_HLEN] {
     let tci = vid & 0x0fff;
@@ -149,6 +204,44 @@ mod tests {
         assert_eq!(parse(&f, 15), Err(FrameError::TooShort(15)));
         let f = frame([1; 6], [2; 6], Some(4095));
         assert_eq!(parse(&f, f.len()), Err(FrameError::ReservedVlan(4095)));
+    }
+
+    /// An IPv4 UDP frame from 10.0.0.`host` port `sport`, tagged or not.
+    fn udp(host: u8, sport: u16, tag: Option<u16>) -> Vec<u8> {
+        let mut f = frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], tag);
+        let o = ETH_HLEN + if tag.is_some() { VLAN_HLEN } else { 0 };
+        f[o] = 0x45;
+        f[o + 9] = 17;
+        f[o + 12..o + 16].copy_from_slice(&[10, 0, 0, host]);
+        f[o + 16..o + 20].copy_from_slice(&[10, 0, 0, 99]);
+        f[o + 20..o + 22].copy_from_slice(&sport.to_be_bytes());
+        f[o + 22..o + 24].copy_from_slice(&53u16.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn flow_hash_follows_the_flow() {
+        let a = flow_hash(&udp(1, 1000, None));
+        assert_eq!(a, flow_hash(&udp(1, 1000, None)), "same flow, same hash");
+        assert_eq!(
+            a,
+            flow_hash(&udp(1, 1000, Some(10))),
+            "the tag is not the flow"
+        );
+        // Over many flows, every one of 4 queues gets some.
+        let mut queues = [0u32; 4];
+        for host in 0..64 {
+            queues[(flow_hash(&udp(host, 1000, None)) % 4) as usize] += 1;
+        }
+        assert!(queues.iter().all(|&n| n >= 8), "{queues:?}");
+        assert_ne!(a, flow_hash(&udp(1, 1001, None)), "the ports are the flow");
+        // Whatever the guest wrote (an IHL pointing past the bytes, truncation), a hash.
+        let mut bad = udp(1, 1000, None);
+        bad[ETH_HLEN] = 0x4f;
+        flow_hash(&bad);
+        for n in 0..bad.len() {
+            flow_hash(&bad[..n]);
+        }
     }
 
     #[test]
