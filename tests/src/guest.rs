@@ -168,6 +168,16 @@ impl Guest {
         self
     }
 
+    /// Like [`Guest::net`], with `queues` queue pairs (`mq=on`).
+    pub fn net_mq(mut self, socket: impl AsRef<Path>, mac: &str, queues: u16) -> Guest {
+        self = self.net(socket, mac);
+        if let Some(dev) = self.devices.last_mut() {
+            dev[3].push(format!(",queues={queues}"));
+            dev[5].push(",mq=on");
+        }
+        self
+    }
+
     /// Like [`Guest::net`], but QEMU listens on `socket` (`server=on,wait=off`) and the
     /// backend connects to it: a vswitch port in client mode.
     pub fn net_server(mut self, socket: impl AsRef<Path>, mac: &str) -> Guest {

@@ -312,3 +312,40 @@ fn client_mode_port_reconnects_to_a_new_qemu() {
     }
     switch.stop();
 }
+
+/// A QEMU NIC with two queue pairs on a port with `queues = 2`: QEMU takes the backend's
+/// MQ (GET_QUEUE_NUM, a vhost device per pair), the guest's driver negotiates it, and
+/// traffic flows through the pair it uses.
+#[test]
+fn multiqueue_nic_in_a_qemu_guest() {
+    if !guest::require_guest() {
+        return;
+    }
+    let switch = Switch::with_config(VLAN10, &[("vm1", "vlan = 10\nqueues = 2")]);
+    let script = format!(
+        // The driver's features, one character per bit: VIRTIO_NET_F_MQ is bit 22. (With
+        // one vCPU it uses one pair of the two.)
+        "{}echo RESULT mq $(cut -c23 /sys/class/net/eth0/device/features)\n",
+        pinger("10.0.10.1", &["10.0.10.254"], 40, 0)
+    );
+    let out = Guest::new(script)
+        .net_mq(switch.socket("vm1"), "02:00:00:00:10:01", 2)
+        .timeout(Duration::from_secs(240))
+        .run();
+    out.assert_ok();
+    assert_eq!(
+        out.result("mq"),
+        Some("1"),
+        "the guest's driver negotiated VIRTIO_NET_F_MQ:\n{}\n{}",
+        out.describe(),
+        switch.log()
+    );
+    assert_eq!(
+        out.result("ping-10.0.10.254"),
+        Some("0"),
+        "the guest reaches the service IP through its multiqueue NIC:\n{}\n{}",
+        out.describe(),
+        switch.log()
+    );
+    switch.stop();
+}

@@ -604,7 +604,10 @@ fn rx_queue_packets(rx: &mut Testpmd, port: u16, queues: usize) -> Vec<u64> {
     let text = rx.cmd(&format!("show port xstats {port}"));
     (0..queues)
         .map(|q| {
-            let names = [format!("rx_q{q}_good_packets:"), format!("rx_q{q}_packets:")];
+            let names = [
+                format!("rx_q{q}_good_packets:"),
+                format!("rx_q{q}_packets:"),
+            ];
             text.lines()
                 .find_map(|l| {
                     let l = l.trim();
@@ -628,7 +631,10 @@ fn multiqueue_spreads_queues_over_threads_and_flows_over_queues() {
     }
     let switch = Switch::with_config(
         "pmd_threads = 2",
-        &[("a", "vlan = 10\nqueues = 2"), ("b", "vlan = 10\nqueues = 2")],
+        &[
+            ("a", "vlan = 10\nqueues = 2"),
+            ("b", "vlan = 10\nqueues = 2"),
+        ],
     );
     let (a, b) = (switch.socket("a"), switch.socket("b"));
     let mut rx = Testpmd::builder("rx")
@@ -670,7 +676,11 @@ fn multiqueue_spreads_queues_over_threads_and_flows_over_queues() {
         }
     }
     a_queues.sort_by_key(|q| q.1.to_string());
-    assert_eq!(a_queues.len(), 2, "both of a's transmit queues are served: {pmd}");
+    assert_eq!(
+        a_queues.len(),
+        2,
+        "both of a's transmit queues are served: {pmd}"
+    );
     assert_ne!(a_queues[0].0, a_queues[1].0, "on two threads: {pmd}");
     assert!(
         a_queues.iter().all(|q| q.2 > Some(0)),
