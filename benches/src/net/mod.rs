@@ -69,10 +69,13 @@ pub struct Args {
     /// Frame sizes in bytes (testpmd --txpkts: Ethernet header to end of payload, no FCS).
     #[arg(long, value_delimiter = ',', default_value = "64,1518")]
     sizes: Vec<usize>,
-    /// Bursts of 32 frames the generator injects per port (`start tx_first N`): the frames in
-    /// flight in each direction of the loop.
+    /// Bursts the generator injects per port (`start tx_first N`): with `--burst`, the
+    /// frames in flight in each direction of the loop.
     #[arg(long, default_value_t = 4)]
     bursts: usize,
+    /// Frames per burst (testpmd `--burst`; also how many it receives per poll).
+    #[arg(long, default_value_t = 32)]
+    burst: usize,
     /// The vswitch binary [default: `vswitch` next to this runner, i.e. target/release/vswitch].
     #[arg(long)]
     vswitch: Option<PathBuf>,
@@ -173,6 +176,7 @@ struct Meta {
     /// --runs as given (the report repeats the command line).
     runs_arg: Option<usize>,
     bursts: usize,
+    burst: usize,
     warmup: Duration,
     window: Duration,
     gen_cpu: usize,
@@ -218,6 +222,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     if args.bursts == 0 || args.bursts > 32 {
         return Err("--bursts must be 1..=32".to_string());
     }
+    if args.burst == 0 || args.burst > 32 {
+        return Err("--burst must be 1..=32".to_string());
+    }
     let vswitch = preflight(args, &targets)?;
 
     let tmp = tempfile::Builder::new()
@@ -231,6 +238,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         runs,
         runs_arg: args.runs,
         bursts: args.bursts,
+        burst: args.burst,
         warmup,
         window,
         gen_cpu: args.gen_cpu,
@@ -805,6 +813,7 @@ fn gen_args(sockets: &[PathBuf; 2], size: usize, args: &Args) -> Vec<String> {
     a.push(format!("--eth-peer=0,{}", GEN_MAC[1]));
     a.push(format!("--eth-peer=1,{}", GEN_MAC[0]));
     a.push(format!("--txpkts={size}"));
+    a.push(format!("--burst={}", args.burst));
     a.push(format!("--total-num-mbufs={MBUFS}"));
     a
 }
@@ -1032,7 +1041,7 @@ fn measure(
             per_sec.len()
         ));
     }
-    let injected = (2 * args.bursts * 32) as i64;
+    let injected = (2 * args.bursts * args.burst) as i64;
     match &settled {
         Ok(st) if st.sent_minus_received < injected => {
             let missing = injected - st.sent_minus_received;
@@ -1211,8 +1220,8 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
         meta.runs_arg
             .map(|r| format!(" --runs {r}"))
             .unwrap_or_default(),
-        if meta.bursts != 4 {
-            format!(" (with `--bursts {}`)", meta.bursts)
+        if meta.bursts != 4 || meta.burst != 32 {
+            format!(" (with `--bursts {} --burst {}`)", meta.bursts, meta.burst)
         } else {
             String::new()
         },
@@ -1238,10 +1247,11 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
         "- Generator: `dpdk-testpmd` with two `net_virtio_user` ports (one per switch port), \
          `--forward-mode=mac` with crossed `--eth-peer`s, so each frame that comes back on one \
          port is sent out of the other towards the first; `start tx_first {b}` injects {b} \
-         burst(s) of 32 frames per port ({f} frames in flight per direction). It forwards on \
+         burst(s) of {n} frames per port ({f} frames in flight per direction). It forwards on \
          core {g}; its main lcore (which only reads commands) sits on core {w}.",
         b = meta.bursts,
-        f = meta.bursts * 32,
+        n = meta.burst,
+        f = meta.bursts * meta.burst,
         g = meta.gen_cpu,
         w = meta.switch_cpu
     );
@@ -1421,7 +1431,7 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
             n.push(format!(
                 "stopped: TX - RX {} with {} injected",
                 st.sent_minus_received,
-                2 * meta.bursts * 32
+                2 * meta.bursts * meta.burst
             ));
         }
         n.push(format!("other processes: {:.2} cores", m.others_cores));
@@ -1561,6 +1571,7 @@ mod tests {
             runs: 3,
             runs_arg: Some(3),
             bursts: 4,
+            burst: 32,
             warmup: Duration::from_secs(1),
             window: Duration::from_secs(3),
             gen_cpu: 0,
