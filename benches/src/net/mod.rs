@@ -69,13 +69,11 @@ pub struct Args {
     /// Frame sizes in bytes (testpmd --txpkts: Ethernet header to end of payload, no FCS).
     #[arg(long, value_delimiter = ',', default_value = "64,1518")]
     sizes: Vec<usize>,
-    /// Bursts the generator injects per port (`start tx_first N`): with `--burst`, the
-    /// frames in flight in each direction of the loop.
-    #[arg(long, default_value_t = 4)]
-    bursts: usize,
-    /// Frames per burst (testpmd `--burst`; also how many it receives per poll).
-    #[arg(long, default_value_t = 32)]
-    burst: usize,
+    /// Frames in flight in each direction of the loop, comma-separated: the generator
+    /// injects them once per port, in bursts of up to 32 (testpmd `--burst`, also how many
+    /// it takes per poll) with `start tx_first N`; above 32, a multiple of 32.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128,256")]
+    in_flight: Vec<usize>,
     /// The vswitch binary [default: `vswitch` next to this runner, i.e. target/release/vswitch].
     #[arg(long)]
     vswitch: Option<PathBuf>,
@@ -163,10 +161,31 @@ pub struct Settled {
     pub gen_tx_dropped: Option<u64>,
 }
 
+/// One workload: a frame size and how many frames circulate per direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Point {
+    size: usize,
+    in_flight: usize,
+}
+
+impl Point {
+    /// testpmd's burst size and the bursts `start tx_first` injects.
+    fn bursts(self) -> (usize, usize) {
+        let burst = self.in_flight.min(32);
+        (burst, self.in_flight / burst)
+    }
+}
+
+impl std::fmt::Display for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} B x{}", self.size, self.in_flight)
+    }
+}
+
 struct Row {
     run: usize,
     target: Target,
-    size: usize,
+    point: Point,
     result: Result<Measurement, String>,
 }
 
@@ -175,8 +194,6 @@ struct Meta {
     runs: usize,
     /// --runs as given (the report repeats the command line).
     runs_arg: Option<usize>,
-    bursts: usize,
-    burst: usize,
     warmup: Duration,
     window: Duration,
     gen_cpu: usize,
@@ -219,12 +236,25 @@ pub fn run(args: &Args) -> Result<(), String> {
     if runs == 0 {
         return Err("--runs must be at least 1".to_string());
     }
-    if args.bursts == 0 || args.bursts > 32 {
-        return Err("--bursts must be 1..=32".to_string());
+    for &n in &args.in_flight {
+        if n == 0 || (n > 32 && n % 32 != 0) || n > 32 * 32 {
+            return Err(format!(
+                "--in-flight {n}: must be 1..=32 or a multiple of 32 up to 1024"
+            ));
+        }
     }
-    if args.burst == 0 || args.burst > 32 {
-        return Err("--burst must be 1..=32".to_string());
+    if args.in_flight.is_empty() {
+        return Err("--in-flight must not be empty".to_string());
     }
+    let points: Vec<Point> = args
+        .sizes
+        .iter()
+        .flat_map(|&size| {
+            args.in_flight
+                .iter()
+                .map(move |&in_flight| Point { size, in_flight })
+        })
+        .collect();
     let vswitch = preflight(args, &targets)?;
 
     let tmp = tempfile::Builder::new()
@@ -237,8 +267,6 @@ pub fn run(args: &Args) -> Result<(), String> {
         quick: args.quick,
         runs,
         runs_arg: args.runs,
-        bursts: args.bursts,
-        burst: args.burst,
         warmup,
         window,
         gen_cpu: args.gen_cpu,
@@ -278,15 +306,15 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut rows = Vec::new();
     for run in 1..=runs {
         for &t in &targets {
-            for &size in &args.sizes {
+            for &pt in &points {
                 signals::check()?;
                 if runs > 1 {
                     eprint!("run {run}: ");
                 }
-                eprint!("{:<9} {:>4} B  ", t.name(), size);
+                eprint!("{:<9} {:>12}  ", t.name(), pt.to_string());
                 let result = point(
                     t,
-                    size,
+                    pt,
                     args,
                     vswitch.as_deref(),
                     &dir.join(format!("run{run}")),
@@ -317,7 +345,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 rows.push(Row {
                     run,
                     target: t,
-                    size,
+                    point: pt,
                     result,
                 });
                 signals::check()?;
@@ -329,14 +357,14 @@ pub fn run(args: &Args) -> Result<(), String> {
         eprintln!("kept {}", kept.display());
     }
 
-    let md = markdown(&meta, &targets, &args.sizes, &rows);
+    let md = markdown(&meta, &targets, &points, &rows);
     println!("{md}");
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("create {}: {e}", args.out.display()))?;
     let md_path = args.out.join("net.md");
     std::fs::write(&md_path, &md).map_err(|e| format!("write {}: {e}", md_path.display()))?;
     let png_path = args.out.join("net.png");
-    draw(&png_path, &targets, &args.sizes, &rows)?;
+    draw(&png_path, &targets, &points, &rows)?;
     eprintln!("wrote {} and {}", md_path.display(), png_path.display());
 
     let failures = rows.iter().filter(|r| r.result.is_err()).count();
@@ -780,7 +808,7 @@ fn machine_busy() -> Duration {
     Duration::from_nanos(busy * 1_000_000_000 / hz)
 }
 
-fn gen_args(sockets: &[PathBuf; 2], size: usize, args: &Args) -> Vec<String> {
+fn gen_args(sockets: &[PathBuf; 2], pt: Point, args: &Args) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "-l".into(),
         lcores(args.gen_cpu, args.switch_cpu),
@@ -812,8 +840,8 @@ fn gen_args(sockets: &[PathBuf; 2], size: usize, args: &Args) -> Vec<String> {
     );
     a.push(format!("--eth-peer=0,{}", GEN_MAC[1]));
     a.push(format!("--eth-peer=1,{}", GEN_MAC[0]));
-    a.push(format!("--txpkts={size}"));
-    a.push(format!("--burst={}", args.burst));
+    a.push(format!("--txpkts={}", pt.size));
+    a.push(format!("--burst={}", pt.bursts().0));
     a.push(format!("--total-num-mbufs={MBUFS}"));
     a
 }
@@ -845,7 +873,7 @@ fn sum_tx(p: &[PortStats]) -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn point(
     t: Target,
-    size: usize,
+    pt: Point,
     args: &Args,
     vswitch: Option<&Path>,
     dir: &Path,
@@ -855,16 +883,21 @@ fn point(
 ) -> Result<Measurement, String> {
     let mut notes = Vec::new();
     for attempt in 1..=ATTEMPTS {
-        let pdir = dir.join(format!("{}-{size}-{attempt}", t.name()));
+        let pdir = dir.join(format!(
+            "{}-{}-{}-{attempt}",
+            t.name(),
+            pt.size,
+            pt.in_flight
+        ));
         std::fs::create_dir_all(&pdir).map_err(|e| format!("create {}: {e}", pdir.display()))?;
         let mut sw = Switch::start(t, args, vswitch, &pdir)?;
-        let r = start_loop(&mut sw, size, args, &pdir, warmup);
+        let r = start_loop(&mut sw, pt, args, &pdir, warmup);
         let r = match r {
             Ok(Ok(gen)) => {
                 if attempt > 1 {
                     notes.push(format!("measured on attempt {attempt}"));
                 }
-                measure(&mut sw, gen, size, args, window, std::mem::take(&mut notes))
+                measure(&mut sw, gen, pt, window, std::mem::take(&mut notes))
             }
             Ok(Err(dead)) => {
                 eprint!("[attempt {attempt}: {dead}] ");
@@ -879,7 +912,7 @@ fn point(
         };
         let failed_start = r.is_err() && !notes.is_empty();
         for e in sw.stop() {
-            exits.push(format!("{} {size} B (attempt {attempt}): {e}", t.name()));
+            exits.push(format!("{} {pt} (attempt {attempt}): {e}", t.name()));
         }
         if failed_start && attempt < ATTEMPTS {
             continue;
@@ -893,16 +926,16 @@ fn point(
 /// frames come back on both ports, else what was seen.
 fn start_loop(
     sw: &mut Switch,
-    size: usize,
+    pt: Point,
     args: &Args,
     dir: &Path,
     warmup: Duration,
 ) -> Result<Result<Testpmd, String>, String> {
     let sockets = sw.sockets();
-    let log = dir.join(format!("gen-{size}.log"));
+    let log = dir.join(format!("gen-{}-{}.log", pt.size, pt.in_flight));
     let mut gen = Testpmd::spawn(
         "gen",
-        &gen_args(&sockets, size, args),
+        &gen_args(&sockets, pt, args),
         Some(&log),
         &mut || interrupted().or_else(|| sw.exited()),
     )?;
@@ -910,7 +943,7 @@ fn start_loop(
     // PMD): frames sent before that are lost, and a direction whose frames are all lost stays
     // empty for ever. Give it a moment, then check that both directions move.
     sleep_checked(Duration::from_millis(1500))?;
-    gen.cmd(&format!("start tx_first {}", args.bursts))?;
+    gen.cmd(&format!("start tx_first {}", pt.bursts().1))?;
     sleep_checked(warmup)?;
     if let Some(why) = sw.exited() {
         return Err(why);
@@ -948,8 +981,7 @@ fn start_loop(
 fn measure(
     sw: &mut Switch,
     mut gen: Testpmd,
-    size: usize,
-    args: &Args,
+    pt: Point,
     window: Duration,
     mut notes: Vec<String>,
 ) -> Result<Measurement, String> {
@@ -1041,7 +1073,7 @@ fn measure(
             per_sec.len()
         ));
     }
-    let injected = (2 * args.bursts * args.burst) as i64;
+    let injected = (2 * pt.in_flight) as i64;
     match &settled {
         Ok(st) if st.sent_minus_received < injected => {
             let missing = injected - st.sent_minus_received;
@@ -1083,7 +1115,7 @@ fn measure(
     notes.extend(swp.notes);
     let limit = limit(swp.busy, gen_busy, others);
     Ok(Measurement {
-        gbps: total_mpps * 1e6 * size as f64 * 8.0 / 1e9,
+        gbps: total_mpps * 1e6 * pt.size as f64 * 8.0 / 1e9,
         port_mpps,
         total_mpps,
         switch_cores: cpu.as_secs_f64() / secs,
@@ -1101,10 +1133,10 @@ fn measure(
 }
 
 /// vswitch's total Mpps over `peer`'s, round by round, where both points were measured.
-fn round_ratios(rows: &[Row], size: usize, peer: Target) -> Vec<f64> {
+fn round_ratios(rows: &[Row], pt: Point, peer: Target) -> Vec<f64> {
     let mpps = |t: Target, run: usize| {
         rows.iter()
-            .find(|r| r.target == t && r.size == size && r.run == run)
+            .find(|r| r.target == t && r.point == pt && r.run == run)
             .and_then(|r| r.result.as_ref().ok())
             .map(|m| m.total_mpps)
     };
@@ -1169,10 +1201,10 @@ fn limit(switch: Option<f64>, gen: Option<f64>, others: f64) -> String {
 }
 
 /// The row reported for a point: the median successful run by total Mpps, else a failure.
-fn pick(rows: &[Row], t: Target, size: usize) -> Option<&Row> {
+fn pick(rows: &[Row], t: Target, pt: Point) -> Option<&Row> {
     let mut ok: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.target == t && r.size == size && r.result.is_ok())
+        .filter(|r| r.target == t && r.point == pt && r.result.is_ok())
         .collect();
     ok.sort_by(|a, b| {
         let m = |r: &Row| r.result.as_ref().map(|m| m.total_mpps).unwrap_or(0.0);
@@ -1180,11 +1212,11 @@ fn pick(rows: &[Row], t: Target, size: usize) -> Option<&Row> {
     });
     ok.get(ok.len().saturating_sub(1) / 2)
         .copied()
-        .or_else(|| rows.iter().find(|r| r.target == t && r.size == size))
+        .or_else(|| rows.iter().find(|r| r.target == t && r.point == pt))
 }
 
-fn find(rows: &[Row], t: Target, size: usize) -> Option<&Measurement> {
-    pick(rows, t, size).and_then(|r| r.result.as_ref().ok())
+fn find(rows: &[Row], t: Target, pt: Point) -> Option<&Measurement> {
+    pick(rows, t, pt).and_then(|r| r.result.as_ref().ok())
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
@@ -1204,7 +1236,11 @@ fn pct(v: Option<f64>) -> String {
         .unwrap_or_else(|| "–".to_string())
 }
 
-fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> String {
+fn markdown(meta: &Meta, targets: &[Target], points: &[Point], rows: &[Row]) -> String {
+    let mut sizes: Vec<usize> = points.iter().map(|p| p.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let sizes = &sizes[..];
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -1220,11 +1256,7 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
         meta.runs_arg
             .map(|r| format!(" --runs {r}"))
             .unwrap_or_default(),
-        if meta.bursts != 4 || meta.burst != 32 {
-            format!(" (with `--bursts {} --burst {}`)", meta.bursts, meta.burst)
-        } else {
-            String::new()
-        },
+        String::new(),
         meta.kernel,
         meta.cpu,
         std::thread::available_parallelism()
@@ -1246,12 +1278,10 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
         s,
         "- Generator: `dpdk-testpmd` with two `net_virtio_user` ports (one per switch port), \
          `--forward-mode=mac` with crossed `--eth-peer`s, so each frame that comes back on one \
-         port is sent out of the other towards the first; `start tx_first {b}` injects {b} \
-         burst(s) of {n} frames per port ({f} frames in flight per direction). It forwards on \
-         core {g}; its main lcore (which only reads commands) sits on core {w}.",
-        b = meta.bursts,
-        n = meta.burst,
-        f = meta.bursts * meta.burst,
+         port is sent out of the other towards the first. For N frames in flight per direction \
+         (`B x N` in the tables) it runs with `--burst=min(N,32)` (how many frames it sends and \
+         receives per call) and `start tx_first N/burst` injects them once per port. It \
+         forwards on core {g}; its main lcore (which only reads commands) sits on core {w}.",
         g = meta.gen_cpu,
         w = meta.switch_cpu
     );
@@ -1311,16 +1341,16 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
         s,
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
-    for &size in sizes {
+    for &pt in points {
         for &t in targets {
-            let Some(r) = pick(rows, t, size) else {
+            let Some(r) = pick(rows, t, pt) else {
                 continue;
             };
             match &r.result {
                 Ok(m) => {
                     let _ = writeln!(
                         s,
-                        "| {size} B | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} | {} | {} \
+                        "| {pt} | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} | {} | {} \
                          | {} | {} |",
                         t.name(),
                         m.port_mpps.first().copied().unwrap_or(0.0),
@@ -1337,11 +1367,7 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
                 }
                 Err(e) => {
                     let e = e.lines().next().unwrap_or("").replace('|', "/");
-                    let _ = writeln!(
-                        s,
-                        "| {size} B | {} | failed: {e} | | | | | | | | | |",
-                        t.name()
-                    );
+                    let _ = writeln!(s, "| {pt} | {} | failed: {e} | | | | | | | | | |", t.name());
                 }
             }
         }
@@ -1357,14 +1383,14 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
          ns/pkt vswitch/vhost-pmd | CPU ns/pkt vswitch/ovs | OVS processing cycles/pkt |"
     );
     let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
-    for &size in sizes {
-        let get = |t: Target, f: fn(&Measurement) -> Option<f64>| find(rows, t, size).and_then(f);
+    for &pt in points {
+        let get = |t: Target, f: fn(&Measurement) -> Option<f64>| find(rows, t, pt).and_then(f);
         let mpps = |m: &Measurement| Some(m.total_mpps);
         let busy = |m: &Measurement| m.busy_ns_per_pkt;
         let cpu = |m: &Measurement| Some(m.cpu_ns_per_pkt);
         let _ = writeln!(
             s,
-            "| {size} B | {} | {} | {} | {} | {} | {} |",
+            "| {pt} | {} | {} | {} | {} | {} | {} |",
             ratio(get(Target::Vswitch, mpps), get(Target::Ovs, mpps)),
             ratio(get(Target::Vswitch, mpps), get(Target::VhostPmd, mpps)),
             ratio(get(Target::Vswitch, busy), get(Target::Ovs, busy)),
@@ -1373,23 +1399,43 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
             opt(get(Target::Ovs, |m| m.ovs_cycles_per_pkt), 0),
         );
     }
+    let _ = writeln!(
+        s,
+        "\nThe worst point of each frame size (the target holds only if it holds there):\n"
+    );
+    for &size in sizes {
+        for peer in [Target::Ovs, Target::VhostPmd] {
+            let worst = points
+                .iter()
+                .filter(|p| p.size == size)
+                .filter_map(|&p| {
+                    let v = find(rows, Target::Vswitch, p)?.total_mpps;
+                    let o = find(rows, peer, p)?.total_mpps;
+                    (o > 0.0).then_some((v / o, p))
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            if let Some((r, p)) = worst {
+                let _ = writeln!(s, "- {size} B, Mpps vswitch/{}: {r:.2} at {p}", peer.name());
+            }
+        }
+    }
     if meta.runs > 1 {
         let _ = writeln!(s, "\n## Every run\n");
         let _ = writeln!(
             s,
             "Total Mpps of each run, in order; the tables show each point's median run.\n"
         );
-        for &size in sizes {
+        for &pt in points {
             for &t in targets {
                 let all: Vec<String> = rows
                     .iter()
-                    .filter(|r| r.target == t && r.size == size)
+                    .filter(|r| r.target == t && r.point == pt)
                     .map(|r| match &r.result {
                         Ok(m) => format!("{:.3}", m.total_mpps),
                         Err(_) => "failed".to_string(),
                     })
                     .collect();
-                let _ = writeln!(s, "- {} {size} B: {}", t.name(), all.join(", "));
+                let _ = writeln!(s, "- {} {pt}: {}", t.name(), all.join(", "));
             }
         }
         let _ = writeln!(
@@ -1398,16 +1444,16 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
              seconds apart, so both see the machine as it was then), and the median \
              of those:\n"
         );
-        for &size in sizes {
+        for &pt in points {
             for peer in [Target::Ovs, Target::VhostPmd] {
-                let r = round_ratios(rows, size, peer);
+                let r = round_ratios(rows, pt, peer);
                 if r.is_empty() {
                     continue;
                 }
                 let list: Vec<String> = r.iter().map(|v| format!("{v:.2}")).collect();
                 let _ = writeln!(
                     s,
-                    "- {size} B vswitch/{}: {}; median {}",
+                    "- {pt} vswitch/{}: {}; median {}",
                     peer.name(),
                     list.join(", "),
                     opt(median(&r), 2)
@@ -1431,7 +1477,7 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
             n.push(format!(
                 "stopped: TX - RX {} with {} injected",
                 st.sent_minus_received,
-                2 * meta.bursts * meta.burst
+                2 * r.point.in_flight
             ));
         }
         n.push(format!("other processes: {:.2} cores", m.others_cores));
@@ -1442,9 +1488,9 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
         };
         let _ = writeln!(
             notes,
-            "- {} {} B{run}: {}",
+            "- {} {}{run}: {}",
             r.target.name(),
-            r.size,
+            r.point,
             n.join("; ")
         );
     }
@@ -1458,9 +1504,9 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
             if let Err(e) = &r.result {
                 let _ = writeln!(
                     s,
-                    "### {} {} B (run {})\n\n```\n{}\n```\n",
+                    "### {} {} (run {})\n\n```\n{}\n```\n",
                     r.target.name(),
-                    r.size,
+                    r.point,
                     r.run,
                     e.trim()
                 );
@@ -1476,17 +1522,17 @@ fn markdown(meta: &Meta, targets: &[Target], sizes: &[usize], rows: &[Row]) -> S
     s
 }
 
-fn draw(path: &Path, targets: &[Target], sizes: &[usize], rows: &[Row]) -> Result<(), String> {
-    let names: Vec<String> = sizes.iter().map(|s| format!("{s} B frames")).collect();
+fn draw(path: &Path, targets: &[Target], points: &[Point], rows: &[Row]) -> Result<(), String> {
+    let names: Vec<String> = points.iter().map(Point::to_string).collect();
     let series = |f: fn(&Measurement) -> Option<f64>| -> Vec<chart::Series> {
         targets
             .iter()
             .map(|&t| chart::Series {
                 name: t.name().to_string(),
                 color: t.color(),
-                values: sizes
+                values: points
                     .iter()
-                    .map(|&size| find(rows, t, size).and_then(f))
+                    .map(|&pt| find(rows, t, pt).and_then(f))
                     .collect(),
             })
             .collect()
@@ -1546,12 +1592,32 @@ mod tests {
         }
     }
 
+    const P64: Point = Point {
+        size: 64,
+        in_flight: 128,
+    };
+
+    #[test]
+    fn in_flight_in_bursts() {
+        let b = |in_flight| {
+            Point {
+                size: 64,
+                in_flight,
+            }
+            .bursts()
+        };
+        assert_eq!(b(1), (1, 1));
+        assert_eq!(b(8), (8, 1));
+        assert_eq!(b(32), (32, 1));
+        assert_eq!(b(256), (32, 8));
+    }
+
     #[test]
     fn median_run_and_report() {
         let row = |run, target, mpps: Option<f64>| Row {
             run,
             target,
-            size: 64,
+            point: P64,
             result: mpps.map(meas).ok_or_else(|| "boom".to_string()),
         };
         let rows = vec![
@@ -1562,16 +1628,14 @@ mod tests {
             row(3, Target::Vswitch, Some(2.0)),
             row(3, Target::Ovs, Some(4.0)),
         ];
-        assert_eq!(pick(&rows, Target::Vswitch, 64).map(|r| r.run), Some(3));
+        assert_eq!(pick(&rows, Target::Vswitch, P64).map(|r| r.run), Some(3));
         // Two successful runs: the lower one.
-        assert_eq!(pick(&rows, Target::Ovs, 64).map(|r| r.run), Some(1));
-        assert!(pick(&rows, Target::VhostPmd, 64).is_none());
+        assert_eq!(pick(&rows, Target::Ovs, P64).map(|r| r.run), Some(1));
+        assert!(pick(&rows, Target::VhostPmd, P64).is_none());
         let meta = Meta {
             quick: true,
             runs: 3,
             runs_arg: Some(3),
-            bursts: 4,
-            burst: 32,
             warmup: Duration::from_secs(1),
             window: Duration::from_secs(3),
             gen_cpu: 0,
@@ -1582,21 +1646,21 @@ mod tests {
             versions: Vec::new(),
             exits: Vec::new(),
         };
-        let md = markdown(&meta, &[Target::Vswitch, Target::Ovs], &[64], &rows);
+        let md = markdown(&meta, &[Target::Vswitch, Target::Ovs], &[P64], &rows);
         assert!(md.contains("-- net --quick --runs 3"), "{md}");
         assert!(
-            md.contains("| 64 B | vswitch | 1.000 | 1.000 | 2.000 |"),
+            md.contains("| 64 B x128 | vswitch | 1.000 | 1.000 | 2.000 |"),
             "{md}"
         );
-        assert!(md.contains("| 64 B | 1.00 |"), "{md}");
-        assert!(md.contains("- ovs 64 B: 2.000, failed, 4.000"), "{md}");
+        assert!(md.contains("| 64 B x128 | 1.00 |"), "{md}");
+        assert!(md.contains("- ovs 64 B x128: 2.000, failed, 4.000"), "{md}");
         // Round 2 has no OVS figure: only rounds 1 and 3 pair up.
         assert!(
-            md.contains("- 64 B vswitch/ovs: 1.50, 0.50; median 1.00"),
+            md.contains("- 64 B x128 vswitch/ovs: 1.50, 0.50; median 1.00"),
             "{md}"
         );
         assert!(!md.contains("vswitch/vhost-pmd:"), "{md}");
-        assert!(md.contains("### ovs 64 B (run 2)"), "{md}");
+        assert!(md.contains("### ovs 64 B x128 (run 2)"), "{md}");
     }
 
     #[test]
@@ -1605,7 +1669,7 @@ mod tests {
         let crate::Cmd::Net(args) = args.cmd else {
             panic!("not net");
         };
-        let a = gen_args(&[PathBuf::from("/s0"), PathBuf::from("/s1")], 64, &args);
+        let a = gen_args(&[PathBuf::from("/s0"), PathBuf::from("/s1")], P64, &args);
         let line = a.join(" ");
         assert!(line.contains("-l 0,1 --main-lcore 1"), "{line}");
         assert!(
@@ -1615,5 +1679,6 @@ mod tests {
         assert!(line.contains("--eth-peer=0,02:00:00:00:00:11"), "{line}");
         assert!(line.contains("--eth-peer=1,02:00:00:00:00:10"), "{line}");
         assert!(line.contains("--txpkts=64"), "{line}");
+        assert!(line.contains("--burst=32"), "{line}");
     }
 }
