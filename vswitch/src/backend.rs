@@ -102,18 +102,10 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let f = VhostUserProtocolFeatures::CONFIG
+        VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::MQ;
-        // QEMU drives a multiqueue vhost-user-net device as one vhost device per queue
-        // pair over the one socket, and sends the memory table only from the first; but
-        // QEMU 7.2 sends ADD_MEM_REG from each, so the second pair's regions collide with
-        // the first's and the session fails. Such ports take the whole table at once.
-        if self.queue_pairs() > 1 {
-            f
-        } else {
-            f | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        }
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::MQ
     }
 
     /// Nothing to keep: the vring applies EVENT_IDX itself, and the enable/disable
