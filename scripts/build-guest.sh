@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the small Linux guest the end-to-end tests and the demo boot under QEMU:
 #   target/guest/vmlinuz            Debian 12's 6.1 kernel (from the linux-image package)
-#   target/guest/initramfs.cpio.gz  busybox-static + the virtio/ext4 modules + /init
+#   target/guest/initramfs.cpio.gz  busybox-static + the virtio/ext4 modules + /init, and
+#                                   /bin/tcpblast (tests/guest-tools, linked static here)
 #
 # /init mounts proc, sys and devtmpfs, insmods the modules, prints "GUEST-INIT: ready", then:
 #   - if /test.sh exists: runs it (output on the serial console), prints
@@ -14,7 +15,8 @@
 #
 # Idempotent: does nothing when the outputs exist and were built by this same script
 # (a stamp records the script's checksum and the kernel package). FORCE=1 rebuilds.
-# Needs: apt (apt-get download works unprivileged too), dpkg-deb, busybox-static, cpio, gzip.
+# Needs: apt (apt-get download works unprivileged too), dpkg-deb, busybox-static, cpio, gzip,
+# cargo.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +33,7 @@ FS_MODULES=(crc16 mbcache jbd2 crc32c_generic ext4)
 log() { echo "build-guest: $*" >&2; }
 die() { echo "build-guest: ERROR: $*" >&2; exit 1; }
 
-for tool in apt-cache apt-get dpkg-deb cpio gzip sha256sum; do
+for tool in apt-cache apt-get dpkg-deb cpio gzip sha256sum cargo; do
     command -v "$tool" >/dev/null || die "'$tool' not found (run scripts/setup.sh)"
 done
 [ -x "$BUSYBOX" ] || die "$BUSYBOX not found: install busybox-static (scripts/setup.sh)"
@@ -58,7 +60,9 @@ fi
 [ -n "$PKG" ] || die "cannot find the kernel package: 'apt-cache depends linux-image-amd64' names none (run apt-get update)"
 
 SELF_SUM="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
-STAMP_WANT="$PKG $SELF_SUM"
+TOOLS="$ROOT/tests/guest-tools"
+TOOLS_SUM="$(cat "$TOOLS/Cargo.toml" "$TOOLS"/src/*.rs | sha256sum | cut -d' ' -f1)"
+STAMP_WANT="$PKG $SELF_SUM $TOOLS_SUM"
 if [ "${FORCE:-0}" != 1 ] && [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initramfs.cpio.gz" ] &&
     [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$STAMP_WANT" ]; then
     log "guest already built in $OUT ($PKG); FORCE=1 to rebuild"
@@ -106,6 +110,12 @@ R="$WORK/root"
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,mnt,etc,lib/modules,root}
 cp "$BUSYBOX" "$R/bin/busybox"
 ln -s busybox "$R/bin/sh"
+
+# The guest has no libc: the tools link statically (glibc's static-pie; they use no NSS).
+log "building the guest tools (tests/guest-tools)"
+RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --quiet --release --locked \
+    --manifest-path "$ROOT/Cargo.toml" -p guest-tools --target-dir "$OUT/tools-target"
+cp "$OUT/tools-target/release/tcpblast" "$R/bin/tcpblast"
 
 find_module() {
     local f

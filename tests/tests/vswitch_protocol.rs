@@ -30,9 +30,11 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
@@ -185,7 +187,19 @@ fn expected_features(def: &PortDef) -> u64 {
         | 1 << VIRTIO_NET_F_STATUS
         | 1 << VIRTIO_RING_F_EVENT_IDX
         | 1 << VIRTIO_RING_F_INDIRECT_DESC
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_ECN,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_ECN,
+        ]
+        .iter()
+        .fold(0, |f, bit| f | 1 << bit);
     if def.configured_mac {
         f |= 1 << VIRTIO_NET_F_MAC;
     }
@@ -275,11 +289,8 @@ impl Guest {
         let offered = fe.get_features().expect("GET_FEATURES");
         let want = expected_features(def);
         for (bit, name) in [
-            (VIRTIO_NET_F_CSUM, "CSUM"),
-            (VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM"),
-            (VIRTIO_NET_F_GUEST_TSO4, "GUEST_TSO4"),
-            (VIRTIO_NET_F_HOST_TSO4, "HOST_TSO4"),
             (VIRTIO_NET_F_HOST_UFO, "HOST_UFO"),
+            (VIRTIO_NET_F_GUEST_UFO, "GUEST_UFO"),
             (VIRTIO_NET_F_MQ, "MQ"),
         ] {
             assert!(
@@ -292,7 +303,8 @@ impl Guest {
             offered,
             want,
             "port {}: GET_FEATURES must offer exactly VERSION_1, IN_ORDER, {}MTU, MRG_RXBUF, \
-             STATUS, EVENT_IDX, INDIRECT_DESC and PROTOCOL_FEATURES (extra {:#x}, missing {:#x})",
+             STATUS, EVENT_IDX, INDIRECT_DESC, PROTOCOL_FEATURES and the checksum and TSO \
+             offloads (extra {:#x}, missing {:#x})",
             def.name,
             if def.configured_mac { "MAC, " } else { "" },
             offered & !want,
@@ -811,7 +823,8 @@ fn hostile_transmit_chains() {
         lab.expect_counters(what, &[("b", "drop_malformed", 1)]);
     }
 
-    // A GSO header, though no GSO was offered.
+    // A segmentation request without the checksum request it needs (and on a frame that
+    // is not TCP).
     let b = lab.g("b");
     let (chain, _) = b.tx_chain(&gso, &good, Shape::Split);
     b.submit(&chain, false);

@@ -2,7 +2,6 @@
 //! guest memory, and its queues' events, which go to the port's forwarding thread.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tracing::warn;
@@ -23,6 +22,7 @@ use vmm_sys_util::event::{
 use crate::pmd::Pmds;
 use crate::switch::Switch;
 use crate::wire::guest::Mem;
+use crate::wire::vnet::OFFLOAD_FEATURES;
 
 const QUEUE_SIZE: usize = 1024;
 
@@ -32,17 +32,11 @@ pub struct PortBackend {
     switch: Arc<Switch>,
     pmds: Arc<Pmds>,
     port: usize,
-    acked: Arc<AtomicU64>,
 }
 
 impl PortBackend {
     pub fn new(switch: Arc<Switch>, pmds: Arc<Pmds>, port: usize) -> PortBackend {
-        PortBackend {
-            switch,
-            pmds,
-            port,
-            acked: Arc::new(AtomicU64::new(0)),
-        }
+        PortBackend { switch, pmds, port }
     }
 
     fn queue_pairs(&self) -> u16 {
@@ -56,7 +50,7 @@ impl PortBackend {
     }
 
     fn mergeable(&self) -> bool {
-        self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
+        self.switch.ports[self.port].features() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
     }
 }
 
@@ -86,8 +80,14 @@ impl VhostUserBackend for PortBackend {
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MTU
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.switch.ports[self.port].spec.mac.is_some() {
+        let spec = &self.switch.ports[self.port].spec;
+        if spec.mac.is_some() {
             f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        if spec.offloads {
+            // Checksum and TCP segmentation both ways: a guest's 64 KiB TCP segment crosses
+            // the switch as one frame, done in software only for a receiver without them.
+            f |= OFFLOAD_FEATURES;
         }
         if self.queue_pairs() > 1 {
             // The control queue that sets how many pairs are in use is the frontend's
@@ -98,7 +98,7 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked.store(features, Ordering::Relaxed);
+        self.switch.ports[self.port].set_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

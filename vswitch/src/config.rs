@@ -116,6 +116,8 @@ pub struct PortConfig {
     pub mtu: u16,
     /// Queue pairs offered to the guest (VIRTIO_NET_F_MQ when more than one).
     pub queues: u16,
+    /// Offer checksum and TCP segmentation offloads (default on).
+    pub offloads: bool,
     pub qos: QosConfig,
 }
 
@@ -437,6 +439,7 @@ struct FilePort {
     mac_limit: Option<i64>,
     mtu: Option<i64>,
     queues: Option<i64>,
+    offloads: Option<bool>,
     #[serde(default)]
     qos: QosConfig,
 }
@@ -703,6 +706,7 @@ fn port_config(t: Table, defaults: &SwitchSettings) -> Result<PortConfig, Bad> {
         mac_limit,
         mtu,
         queues,
+        offloads: f.offloads.unwrap_or(true),
         qos,
     })
 }

@@ -1,7 +1,7 @@
 //! A switch port: how it is set up, its counters, its QoS state, and the guest it serves
 //! (memory and receive ring), which any forwarding thread may deliver to.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use tracing::warn;
@@ -25,12 +25,17 @@ pub struct PortSpec {
     pub mtu: u16,
     /// Queue pairs the guest may use.
     pub queues: u16,
+    /// Offer the checksum and TCP segmentation offloads.
+    pub offloads: bool,
 }
 
 // Per-port counters, named from the switch's side as OVS does: `rx` is what the port's
 // guest sent into the switch, `tx` what the switch delivered to the guest. `fdb_full`
 // counts the addresses of this port's guest learned into a full table (each took another
-// entry's place), `fdb_evicted` this port's entries that made that room.
+// entry's place), `fdb_evicted` this port's entries that made that room. `rx_gso` counts
+// the segmentation requests the guest sent, `tx_gso` those delivered to it whole, and
+// `tx_sw_offload` the frames the switch checksummed or segmented for it because it did not
+// negotiate the offload their sender used.
 
 common::counters!(PortStats {
     rx_packets,
@@ -49,6 +54,9 @@ common::counters!(PortStats {
     fdb_full,
     fdb_evicted,
     ring_errors,
+    rx_gso,
+    tx_gso,
+    tx_sw_offload,
 });
 
 /// One of a port's receive queues, fed by whichever thread has a frame for it. Each has
@@ -67,6 +75,8 @@ pub struct Port {
     pub stats: PortStats,
     pub rx: Vec<Mutex<RxQueue>>,
     pub mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
+    /// The virtio features the guest acked in its current session.
+    acked: AtomicU64,
 }
 
 impl Port {
@@ -78,6 +88,7 @@ impl Port {
                 .map(|_| Mutex::new(RxQueue::default()))
                 .collect(),
             mem: RwLock::new(None),
+            acked: AtomicU64::new(0),
             spec,
         }
     }
@@ -101,6 +112,15 @@ impl Port {
     /// Whether a guest has set up a receive queue.
     pub fn connected(&self) -> bool {
         (0..self.rx.len()).any(|q| self.rx(q).vring.is_some())
+    }
+
+    /// The virtio features the guest acked (none before it does).
+    pub fn features(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    pub fn set_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
     }
 
     /// The guest's memory, while it has a session.

@@ -164,6 +164,7 @@ pub fn run(cfg: SwitchConfig) -> Result<(), ServeError> {
             anti_spoof: p.anti_spoof,
             mtu: p.mtu,
             queues: p.queues,
+            offloads: p.offloads,
         };
         specs.push((spec, qos));
     }

@@ -1,6 +1,8 @@
 //! The last step of a frame: into a destination port's receive ring. The port's rules
-//! (its VLANs, MTU and receive rate) admit it, receive chains are taken for it, and it is
-//! copied there with its tag edited, then the batch is published with one used-index store.
+//! (its VLANs, MTU and receive rate) admit it; an offload the port's guest did not
+//! negotiate is done in software (the frame checksummed or segmented in switch memory);
+//! receive chains are taken for it, and it is copied there with its tag edited and its
+//! offload request in the header, then the batch is published with one used-index store.
 
 use std::ops::Range;
 
@@ -12,14 +14,15 @@ use vm_memory::GuestAddressSpace;
 use crate::port::Port;
 use crate::wire::copy::{self, Egress, Piece};
 use crate::wire::frame::{self, ETH_HLEN, FLOW_PEEK, PEEK_LEN, VLAN_HLEN};
+use crate::wire::gso::{self, Pool};
 use crate::wire::guest::HostRange;
 use crate::wire::ring::Ring;
-use crate::wire::vnet::{self, NET_HDR_LEN};
+use crate::wire::vnet::{Offload, Offloads, NET_HDR_LEN};
 use common::counters::bump;
 
 /// A frame on its way to one destination port: its bytes are `ranges[start..end]` of its
 /// batch's range list, `len` in all, the first range being the switch's snapshot of its
-/// head.
+/// head. `off` is its sender's (checked) offload request.
 #[derive(Clone, Copy, Debug)]
 pub struct Out {
     pub start: usize,
@@ -27,6 +30,7 @@ pub struct Out {
     pub len: usize,
     pub vlan: u16,
     pub tagged: bool,
+    pub off: Offload,
 }
 
 /// Where one frame goes in a destination's receive ring.
@@ -35,6 +39,7 @@ enum Plan {
     /// buffer that holds it. The header, the frame's head (the switch's snapshot of it,
     /// PEEK_LEN bytes) and one copy of the rest, nothing to walk.
     Direct {
+        hdr: [u8; NET_HDR_LEN],
         head: *const u8,
         src: *const u8,
         dst: *mut u8,
@@ -65,6 +70,11 @@ pub struct Scratch {
     /// A multiqueue destination's enabled receive queues, and the frames for each.
     active: Vec<usize>,
     by_queue: Vec<Vec<Out>>,
+    /// When some frames need their offloads done here: the batch's ranges followed by
+    /// those of the frames made, which live in `pool`.
+    soft_ranges: Vec<HostRange>,
+    soft: Vec<Out>,
+    pool: Pool,
 }
 
 // SAFETY: the host pointers in `plans`, `pieces` and `dest` are only dereferenced during
@@ -80,6 +90,65 @@ pub fn deliver(p: &Port, items: &[Out], ranges: &[HostRange], s: &mut Scratch) {
     if s.accepted.is_empty() {
         return;
     }
+    let guest = Offloads::guest(p.features());
+    if s.accepted.iter().all(|o| guest.takes(&o.off)) {
+        to_queues(p, ranges, s);
+        return;
+    }
+    let mut soft_ranges = std::mem::take(&mut s.soft_ranges);
+    soften(p, guest, ranges, &mut soft_ranges, s);
+    to_queues(p, &soft_ranges, s);
+    soft_ranges.clear();
+    s.soft_ranges = soft_ranges;
+}
+
+/// Do in software the offloads port `p`'s guest did not negotiate (`guest` is what it
+/// did) for the frames in `s.accepted`: each such frame is copied into switch memory,
+/// checksummed or segmented there, and replaced by the frames made. `out` gets `ranges`
+/// followed by the ranges of the frames made.
+fn soften(
+    p: &Port,
+    guest: Offloads,
+    ranges: &[HostRange],
+    out: &mut Vec<HostRange>,
+    s: &mut Scratch,
+) {
+    out.clear();
+    out.extend_from_slice(ranges);
+    s.soft.clear();
+    s.pool.reset();
+    let mut linear = Vec::new();
+    for o in &s.accepted {
+        if guest.takes(&o.off) {
+            s.soft.push(*o);
+            continue;
+        }
+        linear.resize(o.len, 0);
+        copy::gather(&ranges[o.start..o.end], &mut linear);
+        match gso::resolve(&linear, &o.off, &mut s.pool) {
+            Ok(made) => {
+                bump(&p.stats.tx_sw_offload, 1);
+                for k in made {
+                    let r = s.pool.range(k);
+                    s.soft.push(Out {
+                        start: out.len(),
+                        end: out.len() + 1,
+                        len: r.len,
+                        off: Offload::default(),
+                        ..*o
+                    });
+                    out.push(r);
+                }
+            }
+            Err(e) => p.count_drop(&p.stats.drop_malformed, &e.to_string()),
+        }
+    }
+    std::mem::swap(&mut s.accepted, &mut s.soft);
+}
+
+/// Copy the frames in `s.accepted` into port `p`'s receive queues; with several queues,
+/// each flow to one of them.
+fn to_queues(p: &Port, ranges: &[HostRange], s: &mut Scratch) {
     if p.rx.len() == 1 {
         fill(p, 0, ranges, s);
         return;
@@ -178,6 +247,9 @@ fn fill(p: &Port, q: usize, ranges: &[HostRange], s: &mut Scratch) {
     }
     bump(&p.stats.tx_packets, s.plans.len() as u64);
     bump(&p.stats.tx_bytes, planned.bytes);
+    if planned.gso > 0 {
+        bump(&p.stats.tx_gso, planned.gso);
+    }
 }
 
 /// The frames of `items` that port `p`'s VLANs, MTU and receive rate let in, into
@@ -188,9 +260,15 @@ fn admit(p: &Port, items: &[Out], s: &mut Scratch) {
         if !p.spec.vlan.carries(o.vlan) {
             continue;
         }
-        // The tag never counts towards the MTU, whether it is kept, stripped or added.
-        let tag = if o.tagged { VLAN_HLEN } else { 0 };
-        if o.len.saturating_sub(ETH_HLEN + tag) > usize::from(p.spec.mtu) {
+        // The tag never counts towards the MTU, whether it is kept, stripped or added. A
+        // segmentation request is held to it by its segments.
+        let l2 = ETH_HLEN + if o.tagged { VLAN_HLEN } else { 0 };
+        let l3 = if o.off.is_gso() {
+            usize::from(o.off.hdr_len).saturating_sub(l2) + usize::from(o.off.gso_size)
+        } else {
+            o.len.saturating_sub(l2)
+        };
+        if l3 > usize::from(p.spec.mtu) {
             p.count_drop(&p.stats.drop_mtu, "frame larger than the port's MTU");
             continue;
         }
@@ -200,13 +278,18 @@ fn admit(p: &Port, items: &[Out], s: &mut Scratch) {
     if qos.rx.is_unlimited() {
         return;
     }
-    // One charge when the whole batch fits, else frame by frame.
+    // One charge when the whole batch fits, else frame by frame; a segmentation request
+    // is charged for its segments as they go on the wire.
     let now = qos.rx.now_ns();
-    let bytes: usize = s.accepted.iter().map(|o| o.len).sum();
-    let n = s.accepted.len() as u64;
-    if qos.rx.consume_at(bytes as u64, n, now).is_err() {
+    let (n, bytes) = s
+        .accepted
+        .iter()
+        .map(|o| o.off.wire(o.len))
+        .fold((0, 0), |(n, b), (fn_, fb)| (n + fn_, b + fb));
+    if qos.rx.consume_at(bytes, n, now).is_err() {
         s.accepted.retain(|o| {
-            let ok = qos.rx.consume_at(o.len as u64, 1, now).is_ok();
+            let (n, bytes) = o.off.wire(o.len);
+            let ok = qos.rx.consume_at(bytes, n, now).is_ok();
             if !ok {
                 p.count_drop(&p.stats.drop_qos, "receive rate limit");
             }
@@ -223,6 +306,8 @@ struct Planned {
     no_room: usize,
     /// Frame bytes planned.
     bytes: u64,
+    /// Segmentation requests among them, which the guest segments.
+    gso: u64,
 }
 
 /// Take receive chains for each accepted frame, in order, and plan its copy into them.
@@ -243,6 +328,7 @@ fn plan(
         taken: 0,
         no_room: 0,
         bytes: 0,
+        gso: 0,
     };
     for k in 0..s.accepted.len() {
         let o = s.accepted[k];
@@ -254,7 +340,7 @@ fn plan(
             out.no_room = s.accepted.len() - k;
             break;
         }
-        plan_copy(&ranges[o.start..o.end], egress, total, dest, s);
+        plan_copy(&ranges[o.start..o.end], egress, o.off, total, dest, s);
         // The copy fills the chains in order: each holds its capacity, the last the rest.
         let mut left = total;
         for &c in &s.frame_chains {
@@ -263,6 +349,7 @@ fn plan(
             s.used[c].1 = len as u32;
         }
         out.bytes += (total - NET_HDR_LEN) as u64;
+        out.gso += u64::from(o.off.is_gso());
     }
     out
 }
@@ -328,9 +415,16 @@ fn take_chains(
     false
 }
 
-/// Plan the copy of a frame (`src`, leaving by `egress`, `total` bytes with its header)
-/// into the receive ranges `s.dest[dest..]`.
-fn plan_copy(src: &[HostRange], egress: Egress, total: usize, dest: usize, s: &mut Scratch) {
+/// Plan the copy of a frame (`src`, leaving by `egress` with offload request `off`,
+/// `total` bytes with its header) into the receive ranges `s.dest[dest..]`.
+fn plan_copy(
+    src: &[HostRange],
+    egress: Egress,
+    off: Offload,
+    total: usize,
+    dest: usize,
+    s: &mut Scratch,
+) {
     let first = s.dest.get(dest).copied();
     if let Some(r) = first {
         // The lines the driver touched last (the virtio-net header and the Ethernet header
@@ -346,6 +440,7 @@ fn plan_copy(src: &[HostRange], egress: Egress, total: usize, dest: usize, s: &m
             if egress == Egress::AsIs && first.len >= total && head.len == PEEK_LEN =>
         {
             s.plans.push(Plan::Direct {
+                hdr: off.header(1),
                 head: head.ptr.cast_const(),
                 src: rest.ptr.cast_const(),
                 dst: first.ptr,
@@ -354,12 +449,17 @@ fn plan_copy(src: &[HostRange], egress: Egress, total: usize, dest: usize, s: &m
             s.dest.truncate(dest);
         }
         _ => {
+            let shift = match egress {
+                Egress::AsIs => 0,
+                Egress::Strip => -(VLAN_HLEN as isize),
+                Egress::Insert(_) => VLAN_HLEN as isize,
+            };
             let pieces = s.pieces.len();
             let planned = copy::plan(
                 src,
                 egress,
                 Piece::Inline {
-                    bytes: vnet::header(s.frame_chains.len() as u16),
+                    bytes: off.shifted(shift).header(s.frame_chains.len() as u16),
                     len: NET_HDR_LEN,
                 },
                 &mut s.pieces,
@@ -378,12 +478,12 @@ fn copy_planned(s: &Scratch) {
     for plan in &s.plans {
         match plan {
             &Plan::Direct {
+                hdr,
                 head,
                 src,
                 dst,
                 len,
             } => {
-                let hdr = vnet::header(1);
                 // SAFETY: `dst` is a receive buffer of at least NET_HDR_LEN + PEEK_LEN + len
                 // bytes validated against the receiver's memory, which `deliver` holds;
                 // `head` is the sender's PEEK_LEN-byte snapshot, in the caller's scratch;

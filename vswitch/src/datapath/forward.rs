@@ -12,16 +12,19 @@ use crate::policy::service::ServicePort;
 use crate::switch::Switch;
 use crate::wire::copy::{self, Egress, Piece};
 use crate::wire::frame::{self, Header, Mac};
+use crate::wire::gso::{self, Pool};
 use crate::wire::guest::HostRange;
+use crate::wire::vnet::Offload;
 use common::counters::bump;
 
 /// A frame taken from a transmit ring: its bytes (after the virtio-net header) are
 /// `ranges[start..end]` of its batch's range list, `len` in all. The first range is the
 /// switch's own copy of the frame's head, which `hdr` was parsed from; the others are the
-/// rest of the frame in the sender's memory.
+/// rest of the frame in the sender's memory. `off` is its checked offload request.
 #[derive(Clone, Copy, Debug)]
 pub struct Frame {
     pub hdr: Header,
+    pub off: Offload,
     pub start: usize,
     pub end: usize,
     pub len: usize,
@@ -77,7 +80,7 @@ impl Switch {
         s.dests.clear();
         let service = std::mem::take(&mut s.service);
         for o in &service {
-            self.to_service(o, ranges, s);
+            self.to_service(src, o, ranges, s);
         }
         s.service = service;
     }
@@ -148,7 +151,9 @@ impl Switch {
                     let now = q.storm.now_ns();
                     (q, now)
                 });
-                if q.storm.consume_at(0, 1, *now).is_err() {
+                // A segmentation request floods as the frames it stands for.
+                let (frames, _) = f.off.wire(f.len);
+                if q.storm.consume_at(0, frames, *now).is_err() {
                     sp.count_drop(&sp.stats.drop_storm, "storm control");
                     continue;
                 }
@@ -161,6 +166,7 @@ impl Switch {
                 len: f.len,
                 vlan,
                 tagged: hdr.tag.is_some(),
+                off: f.off,
             };
             if to_service {
                 s.service.push(out);
@@ -186,8 +192,9 @@ impl Switch {
     }
 
     /// Give a frame to the VLAN's service endpoint, if it has one, and send its answers.
-    /// This is the slow path (ARP and ping), so the frame is copied into a buffer.
-    fn to_service(&self, o: &Out, ranges: &[HostRange], s: &mut Scratch) {
+    /// This is the slow path (ARP and ping), so the frame is copied into a buffer, and
+    /// whatever checksum or segmentation its sender left to the switch is done there.
+    fn to_service(&self, src: usize, o: &Out, ranges: &[HostRange], s: &mut Scratch) {
         let Some(service) = self.services.iter().find(|sv| sv.0 == o.vlan) else {
             return;
         };
@@ -214,10 +221,29 @@ impl Switch {
         // SAFETY: the source ranges are the sender's validated guest memory, held by the
         // caller; the destination is `buf`, alive for the call.
         unsafe { copy::copy(&pieces, &dest) };
-        let replies = match service.1.lock() {
-            Ok(mut sv) => sv.input(buf),
-            Err(p) => p.into_inner().input(buf),
+        let mut frames = vec![buf];
+        if o.off != Offload::default() {
+            let shift = if o.tagged {
+                -(frame::VLAN_HLEN as isize)
+            } else {
+                0
+            };
+            let mut pool = Pool::default();
+            match gso::resolve(&frames[0], &o.off.shifted(shift), &mut pool) {
+                Ok(made) => frames = made.map(|k| pool.frame(k).to_vec()).collect(),
+                Err(e) => {
+                    let sp = &self.ports[src];
+                    sp.count_drop(&sp.stats.drop_malformed, &e.to_string());
+                    return;
+                }
+            }
+        }
+        let mut sv = match service.1.lock() {
+            Ok(sv) => sv,
+            Err(p) => p.into_inner(),
         };
+        let replies: Vec<Vec<u8>> = frames.into_iter().flat_map(|f| sv.input(f)).collect();
+        drop(sv);
         for mut reply in replies {
             self.inject(o.vlan, &mut reply, s);
         }
@@ -238,6 +264,7 @@ impl Switch {
             len: frame.len(),
             vlan,
             tagged: false,
+            off: Offload::default(),
         }];
         let known = if hdr.dst.is_multicast() {
             None

@@ -1,7 +1,9 @@
 //! The first step of a frame: out of its guest's transmit ring. One pass takes up to a
-//! batch of chains, checks their buffers lie in guest memory, applies the port's transmit
-//! rate, reads each frame's headers once into switch memory, hands the well-formed frames
-//! to the forwarding decision, and returns every chain to the guest.
+//! batch of chains, checks their buffers lie in guest memory, reads each frame's
+//! virtio-net header and first bytes once into switch memory and checks its offload
+//! request, applies the port's transmit rate (to the bytes on the wire: a segmentation
+//! request counts as its segments), hands the well-formed frames to the forwarding
+//! decision, and returns every chain to the guest.
 
 use tracing::warn;
 use vhost_user_backend::{VringRwLock, VringT};
@@ -12,10 +14,10 @@ use super::forward::{self, Frame};
 use crate::port::Port;
 use crate::switch::Switch;
 use crate::wire::copy;
-use crate::wire::frame::{self, PEEK_LEN};
+use crate::wire::frame::{self, PEEK_LEN, TPID_8021Q};
 use crate::wire::guest::HostRange;
 use crate::wire::ring::{OpenError, Ring};
-use crate::wire::vnet::NET_HDR_LEN;
+use crate::wire::vnet::{Offload, OffloadError, Offloads, NET_HDR_LEN};
 use common::counters::bump;
 
 /// Frames taken from a transmit ring per pass: what each pass costs (ring setup, locks,
@@ -71,7 +73,8 @@ pub fn pass(switch: &Switch, src: usize, tx: &VringRwLock, s: &mut Scratch) -> P
         return Pass::Took(0);
     }
     let next = queue.next_avail();
-    s.take(&ring, next, posted, port);
+    let host = Offloads::host(port.features());
+    s.take(&ring, next, posted, port, host);
     queue.set_next_avail(next.wrapping_add(s.heads.len() as u16));
     let throttled = s.police(queue, port);
     s.classify(port);
@@ -97,19 +100,42 @@ pub fn pass(switch: &Switch, src: usize, tx: &VringRwLock, s: &mut Scratch) -> P
 pub struct Scratch {
     /// Every chain taken, for the used ring (malformed ones too).
     heads: Vec<u16>,
-    /// Chains that passed the memory checks: their index in `heads`, their ranges in
-    /// `raw`, total bytes.
-    chains: Vec<(usize, usize, usize, usize)>,
+    /// Chains that passed the memory checks.
+    chains: Vec<Chain>,
     raw: Vec<HostRange>,
     /// Well-formed frames, their bytes (after the virtio-net header) in `ranges`.
     frames: Vec<Frame>,
     ranges: Vec<HostRange>,
-    /// Each frame's first bytes, read once from the guest: what classification decided on
-    /// (MACs, tag) is what is forwarded, whatever the guest writes to its buffer
+    /// Each chain's first frame bytes, read once from the guest: what classification
+    /// decided on (MACs, tag) is what is forwarded, whatever the guest writes to its buffer
     /// meanwhile. A frame's first range points here, so this must not move while a batch
     /// is forwarded: boxed, and never resized.
     heads_snapshot: Box<[[u8; PEEK_LEN]; TX_BATCH as usize]>,
     forward: forward::Scratch,
+}
+
+/// A chain that passed the memory checks.
+struct Chain {
+    /// Its index in `heads`.
+    taken: usize,
+    /// Its ranges in `raw`.
+    start: usize,
+    end: usize,
+    /// Its bytes, the virtio-net header included.
+    total: usize,
+    /// Its offload request, as read and checked.
+    off: Result<Offload, OffloadError>,
+}
+
+impl Chain {
+    /// The frames and bytes on the wire the chain's frame stands for.
+    fn wire(&self) -> (u64, u64) {
+        let len = self.total.saturating_sub(NET_HDR_LEN);
+        match &self.off {
+            Ok(off) => off.wire(len),
+            Err(_) => (1, len as u64),
+        }
+    }
 }
 
 // SAFETY: the host pointers in `raw` and `ranges` are only dereferenced during the
@@ -132,9 +158,10 @@ impl Default for Scratch {
 }
 
 impl Scratch {
-    /// Take up to a batch of the `posted` chains from avail position `next` on, and check
-    /// that their buffers are device-readable and lie in guest memory.
-    fn take(&mut self, ring: &Ring<'_>, next: u16, posted: u16, port: &Port) {
+    /// Take up to a batch of the `posted` chains from avail position `next` on, check
+    /// that their buffers are device-readable and lie in guest memory, and read each one's
+    /// header and first frame bytes (checking its offload request against `host`).
+    fn take(&mut self, ring: &Ring<'_>, next: u16, posted: u16, port: &Port, host: Offloads) {
         self.heads.clear();
         self.chains.clear();
         self.raw.clear();
@@ -158,12 +185,79 @@ impl Scratch {
                 }
             };
             if let Some(r) = self.raw.get(start) {
-                // The header and the frame's start: read by `classify` below.
+                // The header and the frame's start, read below once every chain is found.
                 copy::prefetch(r.ptr);
                 copy::prefetch(r.ptr.wrapping_add(64));
             }
-            self.chains.push((taken, start, self.raw.len(), total));
+            self.chains.push(Chain {
+                taken,
+                start,
+                end: self.raw.len(),
+                total,
+                off: Ok(Offload::default()),
+            });
         }
+        for k in 0..self.chains.len() {
+            let (start, total) = (self.chains[k].start, self.chains[k].total);
+            self.chains[k].off = self.read_head(k, start, total, port, host);
+        }
+    }
+
+    /// Read chain `k`'s virtio-net header and first frame bytes (its ranges start at
+    /// `raw[start]`, `total` bytes) into switch memory, once, and check its offload
+    /// request. Every byte a decision depends on is read here; the guest may rewrite its
+    /// buffer at any time after.
+    fn read_head(
+        &mut self,
+        k: usize,
+        start: usize,
+        total: usize,
+        port: &Port,
+        host: Offloads,
+    ) -> Result<Offload, OffloadError> {
+        let raw = &self.raw[start..];
+        let snapshot = &mut self.heads_snapshot[k];
+        let mut hdr = [0u8; NET_HDR_LEN];
+        match raw.first() {
+            // Usually the header and the frame's start share the first buffer: fixed-size
+            // reads.
+            Some(r) if r.len >= NET_HDR_LEN + PEEK_LEN => {
+                // SAFETY: `r` is a validated range of the sender's guest memory, held by
+                // the caller, of at least NET_HDR_LEN + PEEK_LEN bytes; `hdr` and
+                // `snapshot` are ours, NET_HDR_LEN and PEEK_LEN long.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(r.ptr, hdr.as_mut_ptr(), NET_HDR_LEN);
+                    std::ptr::copy_nonoverlapping(
+                        r.ptr.add(NET_HDR_LEN),
+                        snapshot.as_mut_ptr(),
+                        PEEK_LEN,
+                    );
+                }
+            }
+            // Shorter chains are refused by `classify`, whatever this read.
+            _ => {
+                let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
+                copy::gather(raw, &mut head);
+                hdr.copy_from_slice(&head[..NET_HDR_LEN]);
+                snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
+            }
+        }
+        let off = Offload::from_header(&hdr);
+        if off == Offload::default() {
+            return Ok(off);
+        }
+        let tcp_hlen = match off.tcp_doff_at() {
+            Some(at) => {
+                let mut doff = [0u8];
+                copy::gather_at(raw, NET_HDR_LEN + at, &mut doff);
+                usize::from(doff[0] >> 4) * 4
+            }
+            None => 0,
+        };
+        let tagged = u16::from_be_bytes([snapshot[12], snapshot[13]]) == TPID_8021Q;
+        let l2 = frame::ETH_HLEN + if tagged { frame::VLAN_HLEN } else { 0 };
+        let len = total.saturating_sub(NET_HDR_LEN);
+        off.check(host, len, l2, port.spec.mtu, tcp_hlen)
     }
 
     /// Apply the port's TX rate limit to the chains taken. The first chain it refuses and
@@ -176,35 +270,31 @@ impl Scratch {
         let now = qos.tx.now_ns();
         // Usually the whole batch fits: one charge. Otherwise frame by frame, to find the
         // first that does not.
-        let bytes: usize = self
+        let (packets, bytes) = self
             .chains
             .iter()
-            .map(|c| c.3.saturating_sub(NET_HDR_LEN))
-            .sum();
-        if qos
-            .tx
-            .consume_at(bytes as u64, self.chains.len() as u64, now)
-            .is_ok()
-        {
+            .map(Chain::wire)
+            .fold((0, 0), |(p, b), (cp, cb)| (p + cp, b + cb));
+        if qos.tx.consume_at(bytes, packets, now).is_ok() {
             return false;
         }
-        for (k, &(_, _, _, total)) in self.chains.iter().enumerate() {
-            let frame_bytes = total.saturating_sub(NET_HDR_LEN) as u64;
-            let Err(wait) = qos.tx.consume_at(frame_bytes, 1, now) else {
+        for (k, c) in self.chains.iter().enumerate() {
+            let (packets, bytes) = c.wire();
+            let Err(wait) = qos.tx.consume_at(bytes, packets, now) else {
                 continue;
             };
             // Put this chain and the ones after it back (they were taken last, in ring
             // order); they go out when the bucket has refilled. Wait for a batch worth of
             // tokens (or a full bucket, if smaller) rather than one frame's: a timer wakeup
             // per frame would cost more than the frame.
-            let taken = self.chains[k].0;
+            let taken = c.taken;
             let back = self.heads.len() - taken;
             queue.set_next_avail(queue.next_avail().wrapping_sub(back as u16));
             self.heads.truncate(taken);
             self.chains.truncate(k);
             let batch = qos
                 .tx
-                .time_until(frame_bytes * RATE_WAKEUP_FRAMES, RATE_WAKEUP_FRAMES);
+                .time_until(bytes * RATE_WAKEUP_FRAMES, packets * RATE_WAKEUP_FRAMES);
             if let Err(e) = qos.timer.arm(wait.max(batch)) {
                 warn!(port = %port.spec.name, "cannot arm the rate-limit timer: {e}");
             }
@@ -214,67 +304,34 @@ impl Scratch {
         false
     }
 
-    /// Check each chain's virtio-net header and frame, and collect the well-formed frames.
+    /// Check each chain's frame and offload request, and collect the well-formed frames.
     fn classify(&mut self, port: &Port) {
         self.frames.clear();
         self.ranges.clear();
-        for &(_, start, end, total) in &self.chains {
-            let raw = &self.raw[start..end];
-            if total < NET_HDR_LEN + frame::ETH_HLEN {
+        for (k, c) in self.chains.iter().enumerate() {
+            let raw = &self.raw[c.start..c.end];
+            if c.total < NET_HDR_LEN + frame::ETH_HLEN {
                 port.count_drop(&port.stats.drop_malformed, "frame shorter than its headers");
                 continue;
             }
-            let frame_len = total - NET_HDR_LEN;
+            let frame_len = c.total - NET_HDR_LEN;
             let peek_len = PEEK_LEN.min(frame_len);
-            let Some(snapshot) = self.heads_snapshot.get_mut(self.frames.len()) else {
-                // More frames than a batch takes: cannot happen (`take` stops at TX_BATCH).
-                break;
-            };
-            // Every byte a decision depends on is read from the guest once, here, into our
-            // memory; the guest may rewrite its buffer at any time after.
-            let gso_type = match raw.first() {
-                // Usually the header and the frame's start share the first buffer: one
-                // fixed-size read.
-                Some(r) if r.len >= NET_HDR_LEN + PEEK_LEN => {
-                    // SAFETY: `r` is a validated range of the sender's guest memory, held
-                    // by the caller, of at least NET_HDR_LEN + PEEK_LEN bytes; `snapshot`
-                    // is ours and PEEK_LEN long.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            r.ptr.add(NET_HDR_LEN),
-                            snapshot.as_mut_ptr(),
-                            PEEK_LEN,
-                        );
-                        r.ptr.add(1).read()
-                    }
-                }
-                _ => {
-                    let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
-                    let got = copy::gather(raw, &mut head);
-                    snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
-                    if got < NET_HDR_LEN + peek_len {
-                        // `total` said otherwise: cannot happen.
-                        port.count_drop(&port.stats.drop_malformed, "chain shorter than it said");
-                        continue;
-                    }
-                    head[1]
-                }
-            };
-            let parsed = (gso_type, frame::parse(&snapshot[..peek_len], frame_len));
-            let hdr = match parsed {
-                (0, Ok(h)) => h,
-                (0, Err(e)) => {
+            let snapshot = &mut self.heads_snapshot[k];
+            let off = match c.off {
+                Ok(off) => off,
+                Err(e) => {
                     port.count_drop(&port.stats.drop_malformed, &e.to_string());
                     continue;
                 }
-                _ => {
-                    port.count_drop(
-                        &port.stats.drop_malformed,
-                        "GSO frame, but no GSO was offered",
-                    );
+            };
+            let hdr = match frame::parse(&snapshot[..peek_len], frame_len) {
+                Ok(h) => h,
+                Err(e) => {
+                    port.count_drop(&port.stats.drop_malformed, &e.to_string());
                     continue;
                 }
             };
+            // A segmentation request's segments were held to the MTU when it was checked.
             let limit = usize::from(port.spec.mtu)
                 + frame::ETH_HLEN
                 + if hdr.tag.is_some() {
@@ -282,9 +339,12 @@ impl Scratch {
                 } else {
                     0
                 };
-            if frame_len > limit {
+            if frame_len > limit && !off.is_gso() {
                 port.count_drop(&port.stats.drop_mtu, "frame larger than the MTU");
                 continue;
+            }
+            if off.is_gso() {
+                bump(&port.stats.rx_gso, 1);
             }
             // The frame's bytes: the snapshot of its head, then the chain's ranges past the
             // virtio-net header and the head.
@@ -308,6 +368,7 @@ impl Scratch {
             }
             self.frames.push(Frame {
                 hdr,
+                off,
                 start: first,
                 end: self.ranges.len(),
                 len: frame_len,
@@ -345,6 +406,7 @@ mod tests {
             anti_spoof: false,
             mtu: 1500,
             queues: 1,
+            offloads: true,
         };
         (spec, PortQos::new(&QosConfig::default()).expect("qos"))
     }
@@ -475,5 +537,132 @@ mod tests {
             assert_eq!(&out[12..16], &crate::wire::frame::tag_bytes(10));
             assert!(out[16..] == frame[12..], "payload after the tag");
         }
+    }
+
+    /// A TCP segmentation request crosses the switch whole to a port whose guest takes
+    /// it (with the tag inserted and the header's offsets moved by it), and is cut into
+    /// checksummed segments for a port whose guest does not.
+    #[test]
+    fn segmentation_carried_or_done_per_receiver() {
+        use crate::wire::gso::testing::{tcp_checksum_ok, tcp_frame};
+        use crate::wire::vnet;
+        use virtio_bindings::virtio_net::*;
+
+        let trunk = VlanMode::Trunk {
+            allowed: vec![10],
+            native: None,
+        };
+        let switch = Arc::new(Switch::new(
+            vec![
+                port("a", VlanMode::Access(10)),
+                port("b", trunk),
+                port("c", VlanMode::Access(10)),
+            ],
+            vec![],
+            64,
+            std::time::Duration::from_secs(300),
+            vec![None, None, None],
+        ));
+        let mrg = 1u64 << VIRTIO_NET_F_MRG_RXBUF;
+        switch.ports[0].set_features(mrg | 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4);
+        switch.ports[1]
+            .set_features(mrg | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4);
+        switch.ports[2].set_features(mrg);
+        let mems: Vec<GuestMemoryAtomic<Mem>> = (0..3)
+            .map(|_| {
+                GuestMemoryAtomic::new(
+                    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem"),
+                )
+            })
+            .collect();
+        for (k, m) in mems.iter().enumerate() {
+            switch.set_mem(k, m.clone());
+        }
+        let views: Vec<_> = mems.iter().map(|m| m.memory()).collect();
+        let txq = MockSplitQueue::new(&*views[0], QSIZE);
+        let rxb = MockSplitQueue::new(&*views[1], QSIZE);
+        let rxc = MockSplitQueue::new(&*views[2], QSIZE);
+        let tx = vring(&mems[0], &txq);
+        let (vb, vc) = (vring(&mems[1], &rxb), vring(&mems[2], &rxc));
+        switch.attach_rx(1, 0, &vb, true);
+        switch.attach_rx(2, 0, &vc, true);
+        for (q, n) in [(&rxb, 2u16), (&rxc, 3)] {
+            for i in 0..n {
+                let addr = 0x4_0000 + u64::from(i) * 0x1000;
+                q.add_desc_chains(&chain(&[(addr, 2048, true)], i), i)
+                    .expect("rx chain");
+            }
+        }
+
+        let (frame, off) = tcp_frame(false, false, 2500, 0x18);
+        let mut sent = off.header(0).to_vec();
+        sent.extend_from_slice(&frame);
+        views[0]
+            .write_slice(&sent, GuestAddress(0x1_0000))
+            .expect("frame");
+        txq.add_desc_chains(&chain(&[(0x1_0000, sent.len() as u32, false)], 0), 0)
+            .expect("tx chain");
+        let pass = super::pass(&switch, 0, &tx, &mut Scratch::default());
+        assert_eq!(pass, Pass::Took(1));
+
+        let stat = |p: usize, f: fn(&crate::port::PortStats) -> &std::sync::atomic::AtomicU64| {
+            f(&switch.ports[p].stats).load(Ordering::Relaxed)
+        };
+        assert_eq!(stat(0, |s| &s.rx_gso), 1);
+        assert_eq!(stat(0, |s| &s.drop_malformed), 0);
+        // b: one frame in two receive buffers, the request in its header, the tag in.
+        assert_eq!(rxb.used().idx().load(), 2);
+        let mut got = Vec::new();
+        for k in 0..2 {
+            let used = rxb.used().ring().ref_at(k).expect("used").load();
+            let mut buf = vec![0u8; used.len() as usize];
+            views[1]
+                .read_slice(
+                    &mut buf,
+                    GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
+                )
+                .expect("read");
+            got.extend_from_slice(&buf);
+        }
+        let hdr: [u8; NET_HDR_LEN] = got[..NET_HDR_LEN].try_into().expect("header");
+        let carried = Offload::from_header(&hdr);
+        assert_eq!(
+            (carried.gso_type, carried.gso_size, carried.csum_start),
+            (off.gso_type, 1000, off.csum_start + 4)
+        );
+        assert_eq!(u16::from_le_bytes([hdr[2], hdr[3]]), 14 + 4 + 20 + 32);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 2, "num_buffers");
+        let tagged = [
+            &frame[..12],
+            &crate::wire::frame::tag_bytes(10),
+            &frame[12..],
+        ]
+        .concat();
+        assert!(
+            got[NET_HDR_LEN..] == tagged[..],
+            "the frame, one copy, tag inserted"
+        );
+        assert_eq!(stat(1, |s| &s.tx_gso), 1);
+
+        // c: three segments of at most 1000 payload bytes, each with good checksums.
+        assert_eq!(rxc.used().idx().load(), 3);
+        let mut payload = Vec::new();
+        for k in 0..3 {
+            let used = rxc.used().ring().ref_at(k).expect("used").load();
+            let mut buf = vec![0u8; used.len() as usize];
+            views[2]
+                .read_slice(
+                    &mut buf,
+                    GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
+                )
+                .expect("read");
+            assert_eq!(buf[..NET_HDR_LEN], vnet::header(1), "no offload left");
+            let seg = &buf[NET_HDR_LEN..];
+            assert!(tcp_checksum_ok(seg), "segment {k}");
+            payload.extend_from_slice(&seg[14 + 20 + 32..]);
+        }
+        assert!(payload == frame[14 + 20 + 32..], "the stream, in order");
+        assert_eq!(stat(2, |s| &s.tx_sw_offload), 1);
+        assert_eq!(stat(2, |s| &s.tx_packets), 3);
     }
 }

@@ -155,15 +155,26 @@ pub unsafe fn copy(pieces: &[Piece], dest: &[HostRange]) {
 
 /// Copy the first `out.len()` bytes of `ranges` into `out`; returns how many there were.
 pub fn gather(ranges: &[HostRange], out: &mut [u8]) -> usize {
+    gather_at(ranges, 0, out)
+}
+
+/// Copy `out.len()` bytes of `ranges` from byte `offset` on into `out`; returns how many
+/// there were.
+pub fn gather_at(ranges: &[HostRange], mut offset: usize, out: &mut [u8]) -> usize {
     let mut done = 0;
     for r in ranges {
         if done == out.len() {
             break;
         }
-        let n = r.len.min(out.len() - done);
-        // SAFETY: `r` is a validated range of guest memory (or switch memory), held by the caller;
-        // `out` has room for n more bytes.
-        unsafe { std::ptr::copy(r.ptr.cast_const(), out[done..].as_mut_ptr(), n) };
+        if offset >= r.len {
+            offset -= r.len;
+            continue;
+        }
+        let n = (r.len - offset).min(out.len() - done);
+        // SAFETY: `r` is a validated range of guest memory (or switch memory), held by the
+        // caller, and offset + n <= r.len; `out` has room for n more bytes.
+        unsafe { std::ptr::copy(r.ptr.add(offset).cast_const(), out[done..].as_mut_ptr(), n) };
+        offset = 0;
         done += n;
     }
     done

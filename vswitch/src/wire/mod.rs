@@ -1,9 +1,10 @@
 //! What frames are made of and where they live: guest memory, the virtio rings, the
-//! virtio-net header, Ethernet headers, and the copy between guests. Nothing here knows
+//! virtio-net header and its offloads, Ethernet headers, and the copy between guests. Nothing here knows
 //! about ports or policy.
 
 pub mod copy;
 pub mod frame;
+pub mod gso;
 pub mod guest;
 pub mod ring;
 pub mod vnet;
