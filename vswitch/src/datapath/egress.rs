@@ -75,6 +75,9 @@ pub struct Scratch {
     soft_ranges: Vec<HostRange>,
     soft: Vec<Out>,
     pool: Pool,
+    /// The frames of `pool` each accepted frame became (None: it goes as it is).
+    made: Vec<Option<Range<usize>>>,
+    linear: Vec<u8>,
 }
 
 // SAFETY: the host pointers in `plans`, `pieces` and `dest` are only dereferenced during
@@ -113,34 +116,46 @@ fn soften(
     out: &mut Vec<HostRange>,
     s: &mut Scratch,
 ) {
+    s.pool.reset();
+    s.made.clear();
+    for o in &s.accepted {
+        if guest.takes(&o.off) {
+            s.made.push(None);
+            continue;
+        }
+        s.linear.resize(o.len, 0);
+        copy::gather(&ranges[o.start..o.end], &mut s.linear);
+        match gso::resolve(&s.linear, &o.off, &mut s.pool) {
+            Ok(made) => {
+                bump(&p.stats.tx_sw_offload, 1);
+                s.made.push(Some(made));
+            }
+            Err(e) => {
+                // Its headers were checked when it was taken: cannot happen.
+                p.count_drop(&p.stats.drop_malformed, &e.to_string());
+                s.made.push(Some(0..0));
+            }
+        }
+    }
+    // The pool is complete: its frames stay where they are until the next reset.
     out.clear();
     out.extend_from_slice(ranges);
     s.soft.clear();
-    s.pool.reset();
-    let mut linear = Vec::new();
-    for o in &s.accepted {
-        if guest.takes(&o.off) {
+    for (o, made) in s.accepted.iter().zip(&s.made) {
+        let Some(made) = made else {
             s.soft.push(*o);
             continue;
-        }
-        linear.resize(o.len, 0);
-        copy::gather(&ranges[o.start..o.end], &mut linear);
-        match gso::resolve(&linear, &o.off, &mut s.pool) {
-            Ok(made) => {
-                bump(&p.stats.tx_sw_offload, 1);
-                for k in made {
-                    let r = s.pool.range(k);
-                    s.soft.push(Out {
-                        start: out.len(),
-                        end: out.len() + 1,
-                        len: r.len,
-                        off: Offload::default(),
-                        ..*o
-                    });
-                    out.push(r);
-                }
-            }
-            Err(e) => p.count_drop(&p.stats.drop_malformed, &e.to_string()),
+        };
+        for k in made.clone() {
+            let r = s.pool.range(k);
+            s.soft.push(Out {
+                start: out.len(),
+                end: out.len() + 1,
+                len: r.len,
+                off: Offload::default(),
+                ..*o
+            });
+            out.push(r);
         }
     }
     std::mem::swap(&mut s.accepted, &mut s.soft);

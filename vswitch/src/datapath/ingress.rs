@@ -15,9 +15,12 @@ use crate::port::Port;
 use crate::switch::Switch;
 use crate::wire::copy;
 use crate::wire::frame::{self, PEEK_LEN, TPID_8021Q};
+use crate::wire::gso::{self, GsoError, MAX_TCP_HEADERS};
 use crate::wire::guest::HostRange;
 use crate::wire::ring::{OpenError, Ring};
-use crate::wire::vnet::{Offload, OffloadError, Offloads, NET_HDR_LEN};
+use crate::wire::vnet::{
+    Offload, OffloadError, Offloads, GSO_ECN, GSO_TCPV4, GSO_TCPV6, NET_HDR_LEN,
+};
 use common::counters::bump;
 
 /// Frames taken from a transmit ring per pass: what each pass costs (ring setup, locks,
@@ -111,7 +114,19 @@ pub struct Scratch {
     /// meanwhile. A frame's first range points here, so this must not move while a batch
     /// is forwarded: boxed, and never resized.
     heads_snapshot: Box<[[u8; PEEK_LEN]; TX_BATCH as usize]>,
+    /// For a segmentation request, all its headers (up to the TCP payload), read once:
+    /// what its checks were made on, and what a receiver that segments it gets.
+    gso_heads: Box<[[u8; MAX_TCP_HEADERS]; TX_BATCH as usize]>,
     forward: forward::Scratch,
+}
+
+/// Why a chain's offload request is refused.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error(transparent)]
+    Request(#[from] OffloadError),
+    #[error(transparent)]
+    Headers(#[from] GsoError),
 }
 
 /// A chain that passed the memory checks.
@@ -124,7 +139,7 @@ struct Chain {
     /// Its bytes, the virtio-net header included.
     total: usize,
     /// Its offload request, as read and checked.
-    off: Result<Offload, OffloadError>,
+    off: Result<Offload, Refused>,
 }
 
 impl Chain {
@@ -152,6 +167,7 @@ impl Default for Scratch {
             frames: Vec::new(),
             ranges: Vec::new(),
             heads_snapshot: Box::new([[0; PEEK_LEN]; TX_BATCH as usize]),
+            gso_heads: Box::new([[0; MAX_TCP_HEADERS]; TX_BATCH as usize]),
             forward: forward::Scratch::default(),
         }
     }
@@ -198,24 +214,25 @@ impl Scratch {
             });
         }
         for k in 0..self.chains.len() {
-            let (start, total) = (self.chains[k].start, self.chains[k].total);
-            self.chains[k].off = self.read_head(k, start, total, port, host);
+            let c = &self.chains[k];
+            let (start, end, total) = (c.start, c.end, c.total);
+            self.chains[k].off = self.read_head(k, start..end, total, port, host);
         }
     }
 
-    /// Read chain `k`'s virtio-net header and first frame bytes (its ranges start at
-    /// `raw[start]`, `total` bytes) into switch memory, once, and check its offload
+    /// Read chain `k`'s virtio-net header and first frame bytes (its ranges are
+    /// `raw[ranges]`, `total` bytes) into switch memory, once, and check its offload
     /// request. Every byte a decision depends on is read here; the guest may rewrite its
     /// buffer at any time after.
     fn read_head(
         &mut self,
         k: usize,
-        start: usize,
+        ranges: std::ops::Range<usize>,
         total: usize,
         port: &Port,
         host: Offloads,
-    ) -> Result<Offload, OffloadError> {
-        let raw = &self.raw[start..];
+    ) -> Result<Offload, Refused> {
+        let raw = &self.raw[ranges];
         let snapshot = &mut self.heads_snapshot[k];
         let mut hdr = [0u8; NET_HDR_LEN];
         match raw.first() {
@@ -246,18 +263,33 @@ impl Scratch {
         if off == Offload::default() {
             return Ok(off);
         }
-        let tcp_hlen = match off.tcp_doff_at() {
-            Some(at) => {
-                let mut doff = [0u8];
-                copy::gather_at(raw, NET_HDR_LEN + at, &mut doff);
-                usize::from(doff[0] >> 4) * 4
-            }
-            None => 0,
+        let len = total.saturating_sub(NET_HDR_LEN);
+        let v6 = match off.gso_type & !GSO_ECN {
+            GSO_TCPV4 => Some(false),
+            GSO_TCPV6 => Some(true),
+            // No segmentation, or a kind `check` refuses.
+            _ => None,
         };
+        let mut tcp_hlen = 0;
+        if let Some(v6) = v6 {
+            // All the headers, in one read that the classification's snapshot is also
+            // taken from.
+            let heads = &mut self.gso_heads[k];
+            let got = copy::gather_at(raw, NET_HDR_LEN, heads);
+            snapshot.copy_from_slice(&heads[..PEEK_LEN]);
+            let h = gso::tcp_headers(&heads[..got.min(len)], v6)?;
+            if h.l4 != usize::from(off.csum_start) {
+                return Err(GsoError::HeaderMoved {
+                    found: h.l4,
+                    said: off.csum_start.into(),
+                }
+                .into());
+            }
+            tcp_hlen = h.end - h.l4;
+        }
         let tagged = u16::from_be_bytes([snapshot[12], snapshot[13]]) == TPID_8021Q;
         let l2 = frame::ETH_HLEN + if tagged { frame::VLAN_HLEN } else { 0 };
-        let len = total.saturating_sub(NET_HDR_LEN);
-        off.check(host, len, l2, port.spec.mtu, tcp_hlen)
+        Ok(off.check(host, len, l2, port.spec.mtu, tcp_hlen)?)
     }
 
     /// Apply the port's TX rate limit to the chains taken. The first chain it refuses and
@@ -317,8 +349,8 @@ impl Scratch {
             let frame_len = c.total - NET_HDR_LEN;
             let peek_len = PEEK_LEN.min(frame_len);
             let snapshot = &mut self.heads_snapshot[k];
-            let off = match c.off {
-                Ok(off) => off,
+            let off = match &c.off {
+                Ok(off) => *off,
                 Err(e) => {
                     port.count_drop(&port.stats.drop_malformed, &e.to_string());
                     continue;
@@ -346,14 +378,23 @@ impl Scratch {
             if off.is_gso() {
                 bump(&port.stats.rx_gso, 1);
             }
-            // The frame's bytes: the snapshot of its head, then the chain's ranges past the
-            // virtio-net header and the head.
+            // The frame's bytes: the snapshot of its head (of all its headers, for a
+            // segmentation request), then the chain's ranges past the virtio-net header and
+            // the head.
             let first = self.ranges.len();
-            self.ranges.push(HostRange {
-                ptr: snapshot.as_mut_ptr(),
-                len: peek_len,
-            });
-            let mut skip = NET_HDR_LEN + peek_len;
+            let head = if off.is_gso() {
+                HostRange {
+                    ptr: self.gso_heads[k].as_mut_ptr(),
+                    len: usize::from(off.hdr_len),
+                }
+            } else {
+                HostRange {
+                    ptr: snapshot.as_mut_ptr(),
+                    len: peek_len,
+                }
+            };
+            self.ranges.push(head);
+            let mut skip = NET_HDR_LEN + head.len;
             for r in raw {
                 if skip >= r.len {
                     skip -= r.len;

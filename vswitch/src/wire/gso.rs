@@ -17,6 +17,10 @@ const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
 
+/// The most L2, IP and TCP header bytes a segmentation request may have: Ethernet with a
+/// tag, IPv4 with options (IPv6 is shorter), TCP with options.
+pub const MAX_TCP_HEADERS: usize = ETH_HLEN + VLAN_HLEN + 60 + 60;
+
 /// Why a frame could not be checksummed or segmented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GsoError {
@@ -24,83 +28,161 @@ pub enum GsoError {
     CsumOutOfFrame,
     #[error("segmentation request for a frame that is not {0}")]
     NotTcp(&'static str),
+    #[error("IP version {0} in a segmentation request for the other one")]
+    IpVersion(u8),
     #[error("IPv4 header length {0}")]
     Ipv4HeaderLength(usize),
     #[error("segmentation request for an IPv4 fragment")]
     Fragment,
+    #[error("TCP header of {0} bytes")]
+    TcpHeaderLength(usize),
+    #[error("headers cut short")]
+    Truncated,
     #[error("TCP header at {found}, not at the checksum start {said}")]
     HeaderMoved { found: usize, said: usize },
     #[error("segment size 0")]
     ZeroSegmentSize,
-    #[error(
-        "headers of {found} bytes where {said} were read before (the sender rewrote its buffer)"
-    )]
+    #[error("headers of {found} bytes where {said} were read before")]
     HeadersChanged { found: usize, said: usize },
 }
 
-/// Buffers for the frames the switch makes, kept from batch to batch. The bytes of a
-/// buffer handed out stay where they are until [`Pool::reset`], however many more are
-/// handed out: only the list of buffers grows.
+/// Where a TCP frame's headers end: the L3 header at `l2`, TCP at `l4`, payload at `end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpHeaders {
+    pub l2: usize,
+    pub l4: usize,
+    pub end: usize,
+}
+
+fn be16(b: &[u8], o: usize) -> u16 {
+    u16::from_be_bytes([b[o], b[o + 1]])
+}
+
+/// Parse the headers of a TCP frame over IPv4, or IPv6 if `v6` (with one tag or none, no
+/// IPv6 extension headers, no IPv4 fragment), from its first bytes.
+pub fn tcp_headers(frame: &[u8], v6: bool) -> Result<TcpHeaders, GsoError> {
+    let want = if v6 { "IPv6 TCP" } else { "IPv4 TCP" };
+    let l2 = if frame.len() >= ETH_HLEN + VLAN_HLEN && be16(frame, 12) == TPID_8021Q {
+        ETH_HLEN + VLAN_HLEN
+    } else {
+        ETH_HLEN
+    };
+    if frame.len() < l2 + if v6 { 40 } else { 20 } {
+        return Err(GsoError::Truncated);
+    }
+    let ip = &frame[l2..];
+    let (ethertype, version) = (be16(frame, l2 - 2), ip[0] >> 4);
+    if ethertype != if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 } {
+        return Err(GsoError::NotTcp(want));
+    }
+    if version != if v6 { 6 } else { 4 } {
+        return Err(GsoError::IpVersion(version));
+    }
+    let l4 = if v6 {
+        // Extension headers are not followed: the TCP header must come right after.
+        if ip[6] != IPPROTO_TCP {
+            return Err(GsoError::NotTcp(want));
+        }
+        l2 + 40
+    } else {
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(GsoError::Ipv4HeaderLength(ihl));
+        }
+        if ip[9] != IPPROTO_TCP {
+            return Err(GsoError::NotTcp(want));
+        }
+        if be16(ip, 6) & 0x3fff != 0 {
+            return Err(GsoError::Fragment);
+        }
+        l2 + ihl
+    };
+    let doff = frame.get(l4 + 12).ok_or(GsoError::Truncated)?;
+    let tcp_len = usize::from(doff >> 4) * 4;
+    if tcp_len < 20 {
+        return Err(GsoError::TcpHeaderLength(tcp_len));
+    }
+    let end = l4 + tcp_len;
+    if end > frame.len() {
+        return Err(GsoError::Truncated);
+    }
+    Ok(TcpHeaders { l2, l4, end })
+}
+
+/// The frames the switch makes, in one byte arena kept from batch to batch (and trimmed
+/// back after a batch that needed a lot of it).
 #[derive(Default)]
 pub struct Pool {
-    bufs: Vec<Vec<u8>>,
-    used: usize,
+    bytes: Vec<u8>,
+    /// Each frame's offset and length in `bytes`.
+    frames: Vec<(usize, usize)>,
 }
+
+/// Arena bytes kept across a reset.
+const POOL_KEEP: usize = 1 << 20;
 
 impl Pool {
     pub fn reset(&mut self) {
-        self.used = 0;
-    }
-
-    /// An empty buffer for the next frame; its index is [`Pool::len`] - 1.
-    fn next(&mut self) -> &mut Vec<u8> {
-        if self.used == self.bufs.len() {
-            self.bufs.push(Vec::new());
-        }
-        let b = &mut self.bufs[self.used];
-        self.used += 1;
-        b.clear();
-        b
+        self.frames.clear();
+        self.bytes.clear();
+        self.bytes.shrink_to(POOL_KEEP);
     }
 
     pub fn len(&self) -> usize {
-        self.used
+        self.frames.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.used == 0
+        self.frames.is_empty()
     }
 
-    /// Frame `i` as a range, valid until the next reset.
+    /// Frame `i` as a range: valid until the pool next changes.
     pub fn range(&mut self, i: usize) -> HostRange {
-        let b = &mut self.bufs[i];
+        let (at, len) = self.frames[i];
         HostRange {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
+            ptr: self.bytes[at..].as_mut_ptr(),
+            len,
         }
     }
 
     pub fn frame(&self, i: usize) -> &[u8] {
-        &self.bufs[i]
+        let (at, len) = self.frames[i];
+        &self.bytes[at..at + len]
+    }
+
+    /// Append a frame made of `parts`; returns it to be finished in place.
+    fn push(&mut self, parts: &[&[u8]]) -> &mut [u8] {
+        let at = self.bytes.len();
+        for p in parts {
+            self.bytes.extend_from_slice(p);
+        }
+        self.frames.push((at, self.bytes.len() - at));
+        &mut self.bytes[at..]
+    }
+
+    /// Forget the frames from `first` on.
+    fn truncate(&mut self, first: usize) {
+        if let Some(&(at, _)) = self.frames.get(first) {
+            self.bytes.truncate(at);
+            self.frames.truncate(first);
+        }
     }
 }
 
 /// Make the frames that `frame` (the switch's copy, `off` its checked request) stands for,
 /// with every checksum done, into `pool`; returns their indices there. On an error, what
-/// was made for it is left unused.
+/// was made for it is taken back.
 pub fn resolve(frame: &[u8], off: &Offload, pool: &mut Pool) -> Result<Range<usize>, GsoError> {
     let first = pool.len();
     let made = if off.is_gso() {
         segment(frame, off, pool)
     } else {
-        let b = pool.next();
-        b.extend_from_slice(frame);
-        finish_csum(b, off)
+        finish_csum(pool.push(&[frame]), off)
     };
     match made {
         Ok(()) => Ok(first..pool.len()),
         Err(e) => {
-            pool.used = first;
+            pool.truncate(first);
             Err(e)
         }
     }
@@ -115,7 +197,8 @@ fn finish_csum(frame: &mut [u8], off: &Offload) -> Result<(), GsoError> {
         return Err(GsoError::CsumOutOfFrame);
     }
     let mut sum = !fold(sum(&frame[start..], 0));
-    // Only UDP (the field 6 bytes in) gives 0 a meaning, "no checksum": send all ones.
+    // UDP (the field 6 bytes in) gives 0 the meaning "no checksum": send all ones, which
+    // is the same one's complement value.
     if sum == 0 && off.csum_offset == 6 {
         sum = 0xffff;
     }
@@ -124,7 +207,7 @@ fn finish_csum(frame: &mut [u8], off: &Offload) -> Result<(), GsoError> {
 }
 
 /// The one's complement sum of `b` as big-endian 16-bit words (an odd last byte padded),
-/// added to `acc`, unfolded.
+/// added to `acc`, unfolded: 32-bit words at a time, which folds to the same.
 fn sum(b: &[u8], mut acc: u64) -> u64 {
     let mut words = b.chunks_exact(4);
     for w in &mut words {
@@ -143,62 +226,25 @@ fn fold(mut acc: u64) -> u16 {
     acc as u16
 }
 
-fn be16(b: &[u8], o: usize) -> u16 {
-    u16::from_be_bytes([b[o], b[o + 1]])
-}
-
 /// Cut a TCP segmentation request into frames of at most `gso_size` payload bytes each,
 /// as the sender's NIC would: the headers copied to each, IP lengths and IDs, TCP sequence
 /// numbers, FIN/PSH on the last only, CWR on the first only, every checksum computed.
 fn segment(frame: &[u8], off: &Offload, pool: &mut Pool) -> Result<(), GsoError> {
     let v6 = off.gso_type & !GSO_ECN == GSO_TCPV6;
-    let want = if v6 { "IPv6 TCP" } else { "IPv4 TCP" };
-    let l2 = if frame.len() >= ETH_HLEN + VLAN_HLEN && be16(frame, 12) == TPID_8021Q {
-        ETH_HLEN + VLAN_HLEN
-    } else {
-        ETH_HLEN
-    };
-    let ethertype = if frame.len() >= l2 {
-        be16(frame, l2 - 2)
-    } else {
-        0
-    };
-    let l4 = match (v6, ethertype) {
-        (false, ETHERTYPE_IPV4) if frame.len() >= l2 + 20 => {
-            let ip = &frame[l2..];
-            let ihl = usize::from(ip[0] & 0x0f) * 4;
-            if ip[0] >> 4 != 4 || ihl < 20 {
-                return Err(GsoError::Ipv4HeaderLength(ihl));
-            }
-            if ip[9] != IPPROTO_TCP {
-                return Err(GsoError::NotTcp(want));
-            }
-            if be16(ip, 6) & 0x3fff != 0 {
-                return Err(GsoError::Fragment);
-            }
-            l2 + ihl
-        }
-        // Extension headers are not followed: the TCP header must come right after.
-        (true, ETHERTYPE_IPV6) if frame.len() >= l2 + 40 && frame[l2 + 6] == IPPROTO_TCP => l2 + 40,
-        _ => return Err(GsoError::NotTcp(want)),
-    };
+    let TcpHeaders { l2, l4, end } = tcp_headers(frame, v6)?;
     if l4 != usize::from(off.csum_start) {
         return Err(GsoError::HeaderMoved {
             found: l4,
             said: off.csum_start.into(),
         });
     }
-    let hdr = match frame.get(l4 + 12) {
-        Some(doff) => l4 + usize::from(doff >> 4) * 4,
-        None => 0,
-    };
-    if hdr != usize::from(off.hdr_len) || hdr < l4 + 20 || hdr > frame.len() {
+    if end != usize::from(off.hdr_len) {
         return Err(GsoError::HeadersChanged {
-            found: hdr,
+            found: end,
             said: off.hdr_len.into(),
         });
     }
-    let (headers, payload) = frame.split_at(hdr);
+    let (headers, payload) = frame.split_at(end);
     let seq = u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]]);
     let ip_id = be16(frame, l2 + 4);
     let tcp_flags = frame[l4 + 13];
@@ -208,9 +254,7 @@ fn segment(frame: &[u8], off: &Offload, pool: &mut Pool) -> Result<(), GsoError>
     }
     let count = payload.len().div_ceil(mss);
     for (i, chunk) in payload.chunks(mss).enumerate() {
-        let b = pool.next();
-        b.extend_from_slice(headers);
-        b.extend_from_slice(chunk);
+        let b = pool.push(&[headers, chunk]);
         let ip = l2;
         if v6 {
             let plen = (b.len() - ip - 40) as u16;
@@ -413,17 +457,21 @@ mod tests {
                     },
                 )
             },
+            (
+                f.clone(),
+                Offload {
+                    csum_start: 38,
+                    ..off
+                },
+                GsoError::HeaderMoved {
+                    found: 34,
+                    said: 38,
+                },
+            ),
             {
                 let mut g = f.clone();
-                g[14] = 0x46; // IP options: the TCP header is not where the request says
-                (
-                    g,
-                    off,
-                    GsoError::HeaderMoved {
-                        found: 38,
-                        said: 34,
-                    },
-                )
+                g[14] = 0x65;
+                (g, off, GsoError::IpVersion(6))
             },
             {
                 let mut g = f.clone();
@@ -443,7 +491,8 @@ mod tests {
                 },
                 GsoError::NotTcp("IPv6 TCP"),
             ),
-            (f[..30].to_vec(), off, GsoError::NotTcp("IPv4 TCP")),
+            (f[..30].to_vec(), off, GsoError::Truncated),
+            (f[..60].to_vec(), off, GsoError::Truncated),
         ];
         for (g, o, want) in cases {
             assert_eq!(resolve(&g, &o, &mut pool), Err(want));

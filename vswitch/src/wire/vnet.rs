@@ -106,6 +106,8 @@ pub enum OffloadError {
     GsoWithoutCsum,
     #[error("checksum at {start}+{offset} outside the {len}-byte frame")]
     CsumOutOfFrame { start: u16, offset: u16, len: usize },
+    #[error("checksum from byte {start}, inside the Ethernet header")]
+    CsumInL2Header { start: u16 },
     #[error("TCP segmentation with the checksum at offset {0}, not 16")]
     GsoCsumOffset(u16),
     #[error("TCP segmentation with the TCP header at {start}, inside the L2/L3 headers")]
@@ -118,11 +120,14 @@ pub enum OffloadError {
     SegmentOverMtu(usize),
     #[error("a {0}-byte frame is larger than an IP packet can be")]
     TooLarge(usize),
+    #[error("{0} segments in one request, more than {MAX_GSO_SEGMENTS}")]
+    TooManySegments(usize),
 }
 
-/// The largest L3 packet a segmentation request may hold: an IPv6 header and a maximal
-/// payload.
-pub const MAX_GSO_L3: usize = 40 + 65535;
+/// The most segments one request may stand for. Linux sends at most 45 at a 1500-byte MTU
+/// (64 KiB), 122 at 576; the bound keeps the software segmentation a sender can ask for
+/// per frame near the cost of the frame's own bytes.
+pub const MAX_GSO_SEGMENTS: usize = 256;
 
 impl Offload {
     /// The offload fields of a header a sender wrote (`num_buffers` is the receiver's).
@@ -150,15 +155,10 @@ impl Offload {
         self.gso_type != GSO_NONE
     }
 
-    /// Where the TCP header's data-offset byte is, for a segmentation request: the caller
-    /// reads it and gives the header length to [`Offload::check`].
-    pub fn tcp_doff_at(&self) -> Option<usize> {
-        self.is_gso().then(|| usize::from(self.csum_start) + 12)
-    }
-
     /// Check a request against what the sender negotiated (`host`), the frame's `len` and
     /// its L2 header length (`l2`, with a tag if it has one), and the port's `mtu`.
-    /// `tcp_hlen` is the TCP header length the frame states, for a segmentation request.
+    /// `tcp_hlen` is the length of the TCP header the caller found at `csum_start`, for a
+    /// segmentation request.
     /// Returns the request as the switch keeps it: a segmentation request whose payload
     /// fits in one segment becomes a checksum request (receivers refuse such "GSO"
     /// frames).
@@ -181,6 +181,10 @@ impl Offload {
             if usize::from(start) + usize::from(offset) + 2 > len {
                 return Err(OffloadError::CsumOutOfFrame { start, offset, len });
             }
+            // Inside the L2 header, a tag edit would move the checksummed bytes.
+            if usize::from(start) < l2 {
+                return Err(OffloadError::CsumInL2Header { start });
+            }
         }
         if !self.is_gso() {
             return Ok(self);
@@ -199,8 +203,9 @@ impl Offload {
         if self.csum_offset != 16 {
             return Err(OffloadError::GsoCsumOffset(self.csum_offset));
         }
-        // The smallest IPv4 header: the real one is checked where the frame is segmented.
-        if usize::from(self.csum_start) < l2 + 20 {
+        let v6 = self.gso_type & !GSO_ECN == GSO_TCPV6;
+        // The smallest IP header (the caller matched it to the frame's).
+        if usize::from(self.csum_start) < l2 + if v6 { 40 } else { 20 } {
             return Err(OffloadError::GsoHeaderStart {
                 start: self.csum_start,
             });
@@ -216,7 +221,8 @@ impl Offload {
         if segment > usize::from(mtu) {
             return Err(OffloadError::SegmentOverMtu(segment));
         }
-        if len > l2 + MAX_GSO_L3 {
+        // IPv4's total length covers its header; IPv6's payload length does not.
+        if len > l2 + 65535 + if v6 { 40 } else { 0 } {
             return Err(OffloadError::TooLarge(len));
         }
         if len <= hdr_len + usize::from(self.gso_size) {
@@ -224,6 +230,10 @@ impl Offload {
             self.gso_type = GSO_NONE;
             self.gso_size = 0;
             return Ok(self);
+        }
+        let segments = (len - hdr_len).div_ceil(usize::from(self.gso_size));
+        if segments > MAX_GSO_SEGMENTS {
+            return Err(OffloadError::TooManySegments(segments));
         }
         self.hdr_len = hdr_len as u16;
         Ok(self)
@@ -407,6 +417,17 @@ mod tests {
                 OffloadError::GsoHeaderStart { start: 20 },
             ),
             (tso4(1448), ALL, 1500, 4, OffloadError::TcpHeaderLength(4)),
+            (
+                Offload {
+                    gso_type: GSO_NONE,
+                    csum_start: 13,
+                    ..tso4(0)
+                },
+                ALL,
+                1500,
+                20,
+                OffloadError::CsumInL2Header { start: 13 },
+            ),
             (tso4(0), ALL, 1500, 20, OffloadError::ZeroGsoSize),
             (
                 tso4(1461),
@@ -419,10 +440,33 @@ mod tests {
         for (off, host, mtu, tcp, want) in cases {
             assert_eq!(off.check(host, len, 14, mtu, tcp), Err(want), "{off:?}");
         }
-        let huge = 14 + MAX_GSO_L3 + 1;
+        let huge = 14 + 65535 + 1;
         assert_eq!(
             tso4(1448).check(ALL, huge, 14, 1500, 20),
             Err(OffloadError::TooLarge(huge))
+        );
+        let v6 = Offload {
+            gso_type: GSO_TCPV6,
+            csum_start: 54,
+            ..tso4(1428)
+        };
+        assert!(
+            v6.check(ALL, huge, 14, 1500, 20).is_ok(),
+            "IPv6's header is extra"
+        );
+        assert_eq!(
+            Offload {
+                csum_start: 34,
+                ..v6
+            }
+            .check(ALL, len, 14, 1500, 20),
+            Err(OffloadError::GsoHeaderStart { start: 34 })
+        );
+        // 4000 bytes in 16-byte segments: 250 is allowed, 267 is not.
+        assert!(tso4(16).check(ALL, len, 14, 1500, 20).is_ok());
+        assert_eq!(
+            tso4(15).check(ALL, len, 14, 1500, 20),
+            Err(OffloadError::TooManySegments(267))
         );
     }
 
