@@ -16,6 +16,10 @@
 //! `cargo run --release -p benches -- net [--quick] [--out docs/bench]` measures vswitch against
 //! Open vSwitch with DPDK and DPDK's vhost PMD in a PVP-style loopback driven by dpdk-testpmd
 //! (64- and 1518-byte frames), and writes docs/bench/net.md and net.png.
+//!
+//! `cargo run --release -p benches -- tcp [--quick] [--out docs/bench]` streams TCP between
+//! two QEMU guests through vswitch and OVS-DPDK, offloads on and off, and writes
+//! docs/bench/tcp.md and tcp.png.
 
 mod blk;
 mod chart;
@@ -48,6 +52,8 @@ enum Cmd {
     Dedupe(blk::dedupe::Args),
     /// vhost-user-net: vswitch, OVS-DPDK and DPDK's vhost PMD in a testpmd PVP loopback.
     Net(net::Args),
+    /// TCP between two QEMU guests through vswitch and OVS-DPDK, offloads on and off.
+    Tcp(net::tcp::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +64,7 @@ fn main() -> ExitCode {
         Cmd::Qcow2(args) => blk::qcow2::run(&args),
         Cmd::Dedupe(args) => blk::dedupe::run(&args),
         Cmd::Net(args) => net::run(&args),
+        Cmd::Tcp(args) => net::tcp::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

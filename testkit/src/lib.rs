@@ -1,6 +1,8 @@
 //! Shared by the end-to-end tests (`tests/`, crate `e2e`) and the benchmarks (`benches/`):
-//! the [`testpmd`] driver, and how both start the processes they must not leave behind.
+//! the [`testpmd`] driver, the QEMU test [`guest`], and how both start the processes they
+//! must not leave behind.
 
+pub mod guest;
 pub mod testpmd;
 
 use std::os::unix::process::CommandExt;

@@ -353,26 +353,6 @@ fn multiqueue_nic_in_a_qemu_guest() {
 /// MiB one guest sends the other over TCP in the offload test.
 const TCP_MIB: u32 = 64;
 
-/// The receiving guest: takes one TCP stream on port 5001 with tcpblast (busybox has no
-/// iperf) and reports its bytes and the time from the first byte to the last.
-fn tcp_receiver(ip: &str) -> String {
-    format!(
-        "ip link set eth0 up\nip addr add {ip}/24 dev eth0\n\
-         echo RESULT features $(cut -c1,2,8,12 /sys/class/net/eth0/device/features)\n\
-         set -- $(tcpblast recv 5001)\necho RESULT bytes $1\necho RESULT seconds $2\n"
-    )
-}
-
-/// The sending guest: waits until the receiver answers, then sends it TCP_MIB MiB.
-fn tcp_sender(ip: &str, peer: &str) -> String {
-    format!(
-        "ip link set eth0 up\nip addr add {ip}/24 dev eth0\n{REACH}\
-         reach {peer} 60; echo RESULT reach $?\n\
-         echo RESULT features $(cut -c1,2,8,12 /sys/class/net/eth0/device/features)\n\
-         tcpblast send {peer} 5001 {TCP_MIB}; echo RESULT sent $?\n"
-    )
-}
-
 /// Two guests stream TCP through the switch, once with the ports offering checksum and
 /// segmentation offloads and once without. With them, the sender's 64 KiB segments cross
 /// the switch whole (counted on both ports) and the receiver takes them whole; without,
@@ -389,15 +369,20 @@ fn tcp_between_guests_with_and_without_offloads() {
         let switch = Switch::with_config(VLAN10, &[("vm1", &port), ("vm2", &port)]);
         let (s1, s2) = (switch.socket("vm1"), switch.socket("vm2"));
         let rx = std::thread::spawn(move || {
-            Guest::new(tcp_receiver("10.0.10.2"))
+            Guest::new(guest::tcp_receiver_script("10.0.10.2", 5001))
                 .net(&s2, "02:00:00:00:10:02")
                 .timeout(Duration::from_secs(300))
                 .run()
         });
-        let tx = Guest::new(tcp_sender("10.0.10.1", "10.0.10.2"))
-            .net(&s1, "02:00:00:00:10:01")
-            .timeout(Duration::from_secs(300))
-            .run();
+        let tx = Guest::new(guest::tcp_sender_script(
+            "10.0.10.1",
+            "10.0.10.2",
+            5001,
+            TCP_MIB,
+        ))
+        .net(&s1, "02:00:00:00:10:01")
+        .timeout(Duration::from_secs(300))
+        .run();
         let rx = rx.join().expect("receiver");
         tx.assert_ok();
         rx.assert_ok();

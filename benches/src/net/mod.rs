@@ -20,6 +20,7 @@
 //! limited the run.
 
 mod ovs;
+pub mod tcp;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
@@ -525,6 +526,7 @@ impl Switch {
                     pmd_cpu: args.switch_cpu,
                     socket_mem_mb: OVS_MEM_MB,
                     file_prefix: format!("net-bench-ovs-{}", std::process::id()),
+                    tso: false,
                 };
                 let o = Ovs::start(&dir.join("ovs"), &layout, &["vhu0", "vhu1"], VLAN)?;
                 Ok(Switch::Ovs(Box::new(o)))

@@ -32,6 +32,9 @@ pub struct OvsLayout {
     pub pmd_cpu: usize,
     pub socket_mem_mb: u32,
     pub file_prefix: String,
+    /// `userspace-tso-enable`: the vhost-user ports keep the guests' TSO and checksum
+    /// offloads (OVS turns them off otherwise).
+    pub tso: bool,
 }
 
 /// The interesting part of `dpif-netdev/pmd-stats-show`, summed over PMD threads.
@@ -109,6 +112,7 @@ impl Ovs {
                 "other_config:dpdk-extra=--no-pci --in-memory --file-prefix={}",
                 layout.file_prefix
             ),
+            &format!("other_config:userspace-tso-enable={}", layout.tso),
         ])?;
         let mut c = ovs.env(Command::new(VSWITCHD_DPDK));
         c.arg(format!("unix:{}", ovs.db_sock.display()))
@@ -176,6 +180,26 @@ impl Ovs {
             .env("OVS_LOGDIR", &self.dir)
             .env("OVS_SYSCONFDIR", &self.dir);
         c
+    }
+
+    /// Add a `dpdkvhostuserclient` port `name` on access VLAN `vlan`: OVS connects to the
+    /// vhost-user socket a frontend listens on at `path` (and reconnects to it). OVS 3.1 keeps
+    /// the guests' TSO and checksum offloads (`tso`) on such ports only.
+    pub fn add_vhost_client(&self, name: &str, path: &Path, vlan: u16) -> Result<(), String> {
+        self.vsctl(&[
+            "--timeout=60",
+            "add-port",
+            "br0",
+            name,
+            &format!("tag={vlan}"),
+            "--",
+            "set",
+            "Interface",
+            name,
+            "type=dpdkvhostuserclient",
+            &format!("options:vhost-server-path={}", path.display()),
+        ])
+        .map(|_| ())
     }
 
     /// The vhost-user socket of port `name` (OVS puts it in its run directory).
