@@ -14,10 +14,10 @@
 //! guest's NIC negotiated is read from sysfs and reported.
 //!
 //! The guests' vCPUs (TCG: one host thread each) and the switch share the machine's two
-//! cores: OVS's PMD thread is pinned to one (`pmd-cpu-mask`) and polls it all the time;
-//! vswitch's forwarding thread is not pinned and sleeps when idle. The rates are what
-//! guests get on such a machine, not what the switches can forward (`benches net` is
-//! that).
+//! cores: each switch's forwarding thread is pinned to core 1 (OVS `pmd-cpu-mask`, vswitch
+//! `pmd_cores`), where OVS's polls all the time and vswitch's while frames flow. The rates
+//! are what guests get on such a machine, not what the switches can forward (`benches
+//! net` is that); they vary by a quarter from run to run, hence several runs, interleaved.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,12 +34,14 @@ const VLAN: u16 = 10;
 const PORT: u16 = 5001;
 const MACS: [&str; 2] = ["02:00:00:00:10:01", "02:00:00:00:10:02"];
 const IPS: [&str; 2] = ["10.0.10.1", "10.0.10.2"];
+/// The core of the switch's forwarding thread (OVS's PMD, vswitch's `pmd_cores`).
+const SWITCH_CPU: usize = 1;
 /// OVS's DPDK memory (MiB).
 const OVS_MEM_MB: u32 = 256;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// One run per case instead of 3, and 64 MiB per stream.
+    /// One run per case instead of 5, and 64 MiB per stream.
     #[arg(long)]
     quick: bool,
     /// Directory for tcp.md and tcp.png.
@@ -51,7 +53,7 @@ pub struct Args {
     /// MiB per stream [default: 256, or 64 with --quick].
     #[arg(long)]
     mib: Option<u32>,
-    /// Runs per case [default: 3, or 1 with --quick]; the table shows the median.
+    /// Runs per case [default: 5, or 1 with --quick]; the table shows the median.
     #[arg(long)]
     runs: Option<usize>,
     /// The vswitch binary [default: `vswitch` next to this runner].
@@ -101,8 +103,9 @@ impl Switch {
             Target::Vswitch => {
                 let bin = vswitch.ok_or("no vswitch binary")?;
                 let sockets = [dir.join("vm1.sock"), dir.join("vm2.sock")];
+                // Its forwarding thread on the core OVS's PMD gets.
                 let mut toml = format!(
-                    "[switch]\ncontrol_socket = \"{}\"\n",
+                    "[switch]\ncontrol_socket = \"{}\"\npmd_cores = [{SWITCH_CPU}]\n",
                     dir.join("ctl.sock").display()
                 );
                 for (i, s) in sockets.iter().enumerate() {
@@ -126,7 +129,7 @@ impl Switch {
             Target::Ovs => {
                 let layout = OvsLayout {
                     main_cpu: 0,
-                    pmd_cpu: 1,
+                    pmd_cpu: SWITCH_CPU,
                     socket_mem_mb: OVS_MEM_MB,
                     file_prefix: format!("tcp-bench-ovs-{}", std::process::id()),
                     tso: offloads,
@@ -233,7 +236,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         });
     }
-    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 });
+    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 5 });
     let mib = args.mib.unwrap_or(if args.quick { 64 } else { 256 });
     if runs == 0 || mib == 0 {
         return Err("--runs and --mib must be at least 1".to_string());
@@ -317,7 +320,7 @@ pub fn run(args: &Args) -> Result<(), String> {
          {mib} MiB per case, cases interleaved). Two QEMU {} guests (TCG, one vCPU each) \
          on two access ports; `tcpblast` streams from one to the other, timed at the \
          receiver from the first byte to the last. The guests and the switch share the \
-         machine's {} cores (OVS's PMD is pinned to core 1). `features` is what the \
+         machine's {} cores (both switches' forwarding threads are pinned to core {SWITCH_CPU}). `features` is what the \
          receiver's NIC negotiated: CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4.\n",
         if args.quick { " --quick" } else { "" },
         qemu_version(),
