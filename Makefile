@@ -40,7 +40,7 @@ demo:
 	scripts/demo.sh
 
 ## Benchmarks against peers (the benches crate): docs/bench/blk.{md,png}, blk-direct.{md,png},
-## qcow2.{md,png}, dedupe.{md,png}, net.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need
+## qcow2.{md,png}, dedupe.{md,png}, net.{md,png}, tcp.{md,png}. scripts/setup-bench.sh adds what only the benchmarks need
 ## (OVS-DPDK, DPDK).
 bench: setup
 	scripts/setup-bench.sh
@@ -50,3 +50,4 @@ bench: setup
 	$(CARGO) run --release -p benches -- qcow2
 	$(CARGO) run --release -p benches -- dedupe
 	$(CARGO) run --release -p benches -- net
+	$(CARGO) run --release -p benches -- tcp
