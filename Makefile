@@ -28,7 +28,7 @@ test: setup build
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 
-## Build and run the fuzz targets (qcow2_open, blk_request, vswitch_frames) for FUZZ_SECONDS
+## Build and run the fuzz targets (qcow2_open, blk_request, vswitch_frames, vswitch_offload) for FUZZ_SECONDS
 ## each (default 60) on stable Rust (scripts/fuzz.sh; docs/qcow2.md, "Fuzzing";
 ## docs/security.md). CI runs them before `make test`.
 FUZZ_SECONDS ?= 60

@@ -4,6 +4,7 @@
 #   qcow2_open      the qcow2 open and metadata paths on a hostile image
 #   blk_request     vdisk's virtio-blk request parsing of hostile descriptor chains
 #   vswitch_frames  vswitch's ring walker, frame parse, VLAN rules, copy and FDB
+#   vswitch_offload vswitch's checks of offload requests, checksum and TCP segmentation
 #
 #   scripts/fuzz.sh [SECONDS] [extra libFuzzer flags...]
 #   FUZZ_TARGETS="blk_request" scripts/fuzz.sh 30     # some of them
@@ -25,7 +26,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SECONDS_TO_RUN="${1:-60}"
 shift || true
-TARGETS="${FUZZ_TARGETS:-qcow2_open blk_request vswitch_frames}"
+TARGETS="${FUZZ_TARGETS:-qcow2_open blk_request vswitch_frames vswitch_offload}"
 FUZZ="$ROOT/fuzz"
 
 command -v cargo >/dev/null || { echo "fuzz.sh: cargo not found" >&2; exit 1; }
