@@ -17,7 +17,7 @@ use crate::wire::frame::{self, ETH_HLEN, FLOW_PEEK, PEEK_LEN, VLAN_HLEN};
 use crate::wire::gso::{self, Pool};
 use crate::wire::guest::HostRange;
 use crate::wire::ring::Ring;
-use crate::wire::vnet::{Offload, Offloads, NET_HDR_LEN};
+use crate::wire::vnet::{self, Offload, Offloads, NET_HDR_LEN};
 use common::counters::bump;
 
 /// A frame on its way to one destination port: its bytes are `ranges[start..end]` of its
@@ -35,11 +35,10 @@ pub struct Out {
 
 /// Where one frame goes in a destination's receive ring.
 enum Plan {
-    /// The usual case: a frame in one source buffer, leaving as it came, into one receive
-    /// buffer that holds it. The header, the frame's head (the switch's snapshot of it,
+    /// The usual case: a frame in one source buffer, leaving as it came with no offload,
+    /// into one receive buffer that holds it. The header, the frame's head (the switch's snapshot of it,
     /// PEEK_LEN bytes) and one copy of the rest, nothing to walk.
     Direct {
-        hdr: [u8; NET_HDR_LEN],
         head: *const u8,
         src: *const u8,
         dst: *mut u8,
@@ -452,10 +451,12 @@ fn plan_copy(
     }
     match (src, first) {
         ([head, rest], Some(first))
-            if egress == Egress::AsIs && first.len >= total && head.len == PEEK_LEN =>
+            if egress == Egress::AsIs
+                && first.len >= total
+                && head.len == PEEK_LEN
+                && off == Offload::default() =>
         {
             s.plans.push(Plan::Direct {
-                hdr: off.header(1),
                 head: head.ptr.cast_const(),
                 src: rest.ptr.cast_const(),
                 dst: first.ptr,
@@ -493,12 +494,12 @@ fn copy_planned(s: &Scratch) {
     for plan in &s.plans {
         match plan {
             &Plan::Direct {
-                hdr,
                 head,
                 src,
                 dst,
                 len,
             } => {
+                let hdr = vnet::header(1);
                 // SAFETY: `dst` is a receive buffer of at least NET_HDR_LEN + PEEK_LEN + len
                 // bytes validated against the receiver's memory, which `deliver` holds;
                 // `head` is the sender's PEEK_LEN-byte snapshot, in the caller's scratch;
