@@ -86,14 +86,15 @@ unsafe impl Send for Scratch {}
 
 /// Copy `items` (frames in `ranges`, in the sender's memory, which the caller holds) into
 /// port `p`'s receive queues, in order; with several queues, each flow to one of them. A
-/// frame that finds no room is dropped for this port only, with a counter.
-pub fn deliver(p: &Port, items: &[Out], ranges: &[HostRange], s: &mut Scratch) {
-    admit(p, items, s);
+/// frame that finds no room is dropped for this port only, with a counter. Unless
+/// `offloaded` (some frame has an offload request), the plain path is taken throughout.
+pub fn deliver(p: &Port, items: &[Out], ranges: &[HostRange], offloaded: bool, s: &mut Scratch) {
+    admit(p, items, offloaded, s);
     if s.accepted.is_empty() {
         return;
     }
     let guest = Offloads::guest(p.features());
-    if s.accepted.iter().all(|o| guest.takes(&o.off)) {
+    if !offloaded || s.accepted.iter().all(|o| guest.takes(&o.off)) {
         to_queues(p, ranges, s);
         return;
     }
@@ -268,7 +269,7 @@ fn fill(p: &Port, q: usize, ranges: &[HostRange], s: &mut Scratch) {
 
 /// The frames of `items` that port `p`'s VLANs, MTU and receive rate let in, into
 /// `s.accepted`.
-fn admit(p: &Port, items: &[Out], s: &mut Scratch) {
+fn admit(p: &Port, items: &[Out], offloaded: bool, s: &mut Scratch) {
     s.accepted.clear();
     for o in items {
         if !p.spec.vlan.carries(o.vlan) {
@@ -295,11 +296,15 @@ fn admit(p: &Port, items: &[Out], s: &mut Scratch) {
     // One charge when the whole batch fits, else frame by frame; a segmentation request
     // is charged for its segments as they go on the wire.
     let now = qos.rx.now_ns();
-    let (n, bytes) = s
-        .accepted
-        .iter()
-        .map(|o| o.off.wire(o.len))
-        .fold((0, 0), |(n, b), (fn_, fb)| (n + fn_, b + fb));
+    let (n, bytes) = if offloaded {
+        s.accepted
+            .iter()
+            .map(|o| o.off.wire(o.len))
+            .fold((0, 0), |(n, b), (fn_, fb)| (n + fn_, b + fb))
+    } else {
+        let bytes: usize = s.accepted.iter().map(|o| o.len).sum();
+        (s.accepted.len() as u64, bytes as u64)
+    };
     if qos.rx.consume_at(bytes, n, now).is_err() {
         s.accepted.retain(|o| {
             let (n, bytes) = o.off.wire(o.len);
@@ -454,7 +459,8 @@ fn plan_copy(
             if egress == Egress::AsIs
                 && first.len >= total
                 && head.len == PEEK_LEN
-                && off == Offload::default() =>
+                // A request always has NEEDS_CSUM.
+                && off.flags == 0 =>
         {
             s.plans.push(Plan::Direct {
                 head: head.ptr.cast_const(),

@@ -56,12 +56,13 @@ impl Scratch {
 impl Switch {
     /// Forward a batch of frames that port `src`'s guest sent. Each frame's bytes (after
     /// the virtio-net header) are `ranges[frame.start..frame.end]`, in the sender's memory,
-    /// which the caller holds.
+    /// which the caller holds; `offloaded` says whether any has an offload request.
     pub fn forward_batch(
         &self,
         src: usize,
         frames: &[Frame],
         ranges: &[HostRange],
+        offloaded: bool,
         s: &mut Scratch,
     ) {
         if s.outbox.len() < self.ports.len() {
@@ -73,7 +74,7 @@ impl Switch {
         for k in 0..s.dests.len() {
             let d = s.dests[k];
             let mut items = std::mem::take(&mut s.outbox[d]);
-            egress::deliver(&self.ports[d], &items, ranges, &mut s.egress);
+            egress::deliver(&self.ports[d], &items, ranges, offloaded, &mut s.egress);
             items.clear();
             s.outbox[d] = items;
         }
@@ -272,11 +273,11 @@ impl Switch {
             self.fdb().lookup(vlan, hdr.dst, Instant::now())
         };
         match known {
-            Some(d) => egress::deliver(&self.ports[d], &out, &range, &mut s.egress),
+            Some(d) => egress::deliver(&self.ports[d], &out, &range, false, &mut s.egress),
             None => {
                 for p in &self.ports {
                     if p.spec.vlan.carries(vlan) {
-                        egress::deliver(p, &out, &range, &mut s.egress);
+                        egress::deliver(p, &out, &range, false, &mut s.egress);
                     }
                 }
             }

@@ -80,8 +80,12 @@ pub fn pass(switch: &Switch, src: usize, tx: &VringRwLock, s: &mut Scratch) -> P
     s.take(&ring, next, posted, port, host);
     queue.set_next_avail(next.wrapping_add(s.heads.len() as u16));
     let throttled = s.police(queue, port);
-    s.classify(port);
-    switch.forward_batch(src, &s.frames, &s.ranges, &mut s.forward);
+    if s.offloaded {
+        s.classify::<true>(port);
+    } else {
+        s.classify::<false>(port);
+    }
+    switch.forward_batch(src, &s.frames, &s.ranges, s.offloaded, &mut s.forward);
     let mut used = ring.used_batch(queue);
     for &head in &s.heads {
         ring.add_used(&mut used, head, 0);
@@ -105,6 +109,10 @@ pub struct Scratch {
     heads: Vec<u16>,
     /// Chains that passed the memory checks.
     chains: Vec<Chain>,
+    /// Each chain's offload request, when some chain makes one; else empty, and every later
+    /// step takes its plain path (the usual batch).
+    requests: Vec<Request>,
+    offloaded: bool,
     raw: Vec<HostRange>,
     /// Well-formed frames, their bytes (after the virtio-net header) in `ranges`.
     frames: Vec<Frame>,
@@ -129,6 +137,92 @@ enum Refused {
     Headers(#[from] GsoError),
 }
 
+/// Read a chain's virtio-net header and first frame bytes (`raw`, `total` bytes) into
+/// switch memory, once, and check its offload request against `host` (None: it makes
+/// none): the snapshot gets the frame's first bytes, `heads` a segmentation request's
+/// headers. Every byte a
+/// decision depends on is read here; the guest may rewrite its buffer at any time after.
+#[inline(always)]
+fn read_head(
+    raw: &[HostRange],
+    total: usize,
+    snapshot: &mut [u8; PEEK_LEN],
+    heads: &mut [u8; MAX_TCP_HEADERS],
+    port: &Port,
+    host: Offloads,
+) -> Option<Result<Offload, Box<Refused>>> {
+    let mut hdr = [0u8; NET_HDR_LEN];
+    match raw.first() {
+        // Usually the header and the frame's start share the first buffer: fixed-size
+        // reads.
+        Some(r) if r.len >= NET_HDR_LEN + PEEK_LEN => {
+            // SAFETY: `r` is a validated range of the sender's guest memory, held by the
+            // caller, of at least NET_HDR_LEN + PEEK_LEN bytes; `hdr` and `snapshot` are
+            // ours, NET_HDR_LEN and PEEK_LEN long.
+            unsafe {
+                std::ptr::copy_nonoverlapping(r.ptr, hdr.as_mut_ptr(), NET_HDR_LEN);
+                std::ptr::copy_nonoverlapping(
+                    r.ptr.add(NET_HDR_LEN),
+                    snapshot.as_mut_ptr(),
+                    PEEK_LEN,
+                );
+            }
+        }
+        // Shorter chains are refused by `classify`, whatever this read.
+        _ => {
+            let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
+            copy::gather(raw, &mut head);
+            hdr.copy_from_slice(&head[..NET_HDR_LEN]);
+            snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
+        }
+    }
+    if hdr[0] | hdr[1] == 0 {
+        // No checksum and no segmentation request: the rest of the header means nothing.
+        return None;
+    }
+    Some(check_request(&hdr, raw, total, snapshot, heads, port, host).map_err(Box::new))
+}
+
+/// The rest of [`read_head`] for a frame with an offload request.
+#[inline(never)]
+fn check_request(
+    hdr: &[u8; NET_HDR_LEN],
+    raw: &[HostRange],
+    total: usize,
+    snapshot: &mut [u8; PEEK_LEN],
+    heads: &mut [u8; MAX_TCP_HEADERS],
+    port: &Port,
+    host: Offloads,
+) -> Result<Offload, Refused> {
+    let off = Offload::from_header(hdr);
+    let len = total.saturating_sub(NET_HDR_LEN);
+    let v6 = match off.gso_type & !GSO_ECN {
+        GSO_TCPV4 => Some(false),
+        GSO_TCPV6 => Some(true),
+        // No segmentation, or a kind `check` refuses.
+        _ => None,
+    };
+    let mut tcp_hlen = 0;
+    if let Some(v6) = v6 {
+        // All the headers, in one read that the classification's snapshot is also taken
+        // from.
+        let got = copy::gather_at(raw, NET_HDR_LEN, heads);
+        snapshot.copy_from_slice(&heads[..PEEK_LEN]);
+        let h = gso::tcp_headers(&heads[..got.min(len)], v6)?;
+        if h.l4 != usize::from(off.csum_start) {
+            return Err(GsoError::HeaderMoved {
+                found: h.l4,
+                said: off.csum_start.into(),
+            }
+            .into());
+        }
+        tcp_hlen = h.end - h.l4;
+    }
+    let tagged = u16::from_be_bytes([snapshot[12], snapshot[13]]) == TPID_8021Q;
+    let l2 = frame::ETH_HLEN + if tagged { frame::VLAN_HLEN } else { 0 };
+    Ok(off.check(host, len, l2, port.spec.mtu, tcp_hlen)?)
+}
+
 /// A chain that passed the memory checks.
 struct Chain {
     /// Its index in `heads`.
@@ -138,15 +232,16 @@ struct Chain {
     end: usize,
     /// Its bytes, the virtio-net header included.
     total: usize,
-    /// Its offload request, as read and checked.
-    off: Result<Offload, Refused>,
 }
 
+/// A chain's offload request, as read and checked (refusals, rare, boxed).
+type Request = Result<Offload, Box<Refused>>;
+
 impl Chain {
-    /// The frames and bytes on the wire the chain's frame stands for.
-    fn wire(&self) -> (u64, u64) {
+    /// The frames and bytes on the wire the chain's frame stands for, given its request.
+    fn wire(&self, off: &Request) -> (u64, u64) {
         let len = self.total.saturating_sub(NET_HDR_LEN);
-        match &self.off {
+        match off {
             Ok(off) => off.wire(len),
             Err(_) => (1, len as u64),
         }
@@ -163,6 +258,8 @@ impl Default for Scratch {
         Scratch {
             heads: Vec::new(),
             chains: Vec::new(),
+            requests: Vec::new(),
+            offloaded: false,
             raw: Vec::new(),
             frames: Vec::new(),
             ranges: Vec::new(),
@@ -210,86 +307,24 @@ impl Scratch {
                 start,
                 end: self.raw.len(),
                 total,
-                off: Ok(Offload::default()),
             });
         }
-        for k in 0..self.chains.len() {
-            let c = &self.chains[k];
-            let (start, end, total) = (c.start, c.end, c.total);
-            self.chains[k].off = self.read_head(k, start..end, total, port, host);
-        }
-    }
-
-    /// Read chain `k`'s virtio-net header and first frame bytes (its ranges are
-    /// `raw[ranges]`, `total` bytes) into switch memory, once, and check its offload
-    /// request. Every byte a decision depends on is read here; the guest may rewrite its
-    /// buffer at any time after.
-    fn read_head(
-        &mut self,
-        k: usize,
-        ranges: std::ops::Range<usize>,
-        total: usize,
-        port: &Port,
-        host: Offloads,
-    ) -> Result<Offload, Refused> {
-        let raw = &self.raw[ranges];
-        let snapshot = &mut self.heads_snapshot[k];
-        let mut hdr = [0u8; NET_HDR_LEN];
-        match raw.first() {
-            // Usually the header and the frame's start share the first buffer: fixed-size
-            // reads.
-            Some(r) if r.len >= NET_HDR_LEN + PEEK_LEN => {
-                // SAFETY: `r` is a validated range of the sender's guest memory, held by
-                // the caller, of at least NET_HDR_LEN + PEEK_LEN bytes; `hdr` and
-                // `snapshot` are ours, NET_HDR_LEN and PEEK_LEN long.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(r.ptr, hdr.as_mut_ptr(), NET_HDR_LEN);
-                    std::ptr::copy_nonoverlapping(
-                        r.ptr.add(NET_HDR_LEN),
-                        snapshot.as_mut_ptr(),
-                        PEEK_LEN,
-                    );
+        let (raw, snapshots, heads) = (&self.raw, &mut self.heads_snapshot, &mut self.gso_heads);
+        let requests = &mut self.requests;
+        requests.clear();
+        for (k, c) in self.chains.iter().enumerate() {
+            let raw = &raw[c.start..c.end];
+            match read_head(raw, c.total, &mut snapshots[k], &mut heads[k], port, host) {
+                Some(r) => {
+                    // The chains before the first request made none.
+                    requests.resize_with(k, || Ok(Offload::default()));
+                    requests.push(r);
                 }
-            }
-            // Shorter chains are refused by `classify`, whatever this read.
-            _ => {
-                let mut head = [0u8; NET_HDR_LEN + PEEK_LEN];
-                copy::gather(raw, &mut head);
-                hdr.copy_from_slice(&head[..NET_HDR_LEN]);
-                snapshot.copy_from_slice(&head[NET_HDR_LEN..]);
+                None if !requests.is_empty() => requests.push(Ok(Offload::default())),
+                None => {}
             }
         }
-        let off = Offload::from_header(&hdr);
-        if off == Offload::default() {
-            return Ok(off);
-        }
-        let len = total.saturating_sub(NET_HDR_LEN);
-        let v6 = match off.gso_type & !GSO_ECN {
-            GSO_TCPV4 => Some(false),
-            GSO_TCPV6 => Some(true),
-            // No segmentation, or a kind `check` refuses.
-            _ => None,
-        };
-        let mut tcp_hlen = 0;
-        if let Some(v6) = v6 {
-            // All the headers, in one read that the classification's snapshot is also
-            // taken from.
-            let heads = &mut self.gso_heads[k];
-            let got = copy::gather_at(raw, NET_HDR_LEN, heads);
-            snapshot.copy_from_slice(&heads[..PEEK_LEN]);
-            let h = gso::tcp_headers(&heads[..got.min(len)], v6)?;
-            if h.l4 != usize::from(off.csum_start) {
-                return Err(GsoError::HeaderMoved {
-                    found: h.l4,
-                    said: off.csum_start.into(),
-                }
-                .into());
-            }
-            tcp_hlen = h.end - h.l4;
-        }
-        let tagged = u16::from_be_bytes([snapshot[12], snapshot[13]]) == TPID_8021Q;
-        let l2 = frame::ETH_HLEN + if tagged { frame::VLAN_HLEN } else { 0 };
-        Ok(off.check(host, len, l2, port.spec.mtu, tcp_hlen)?)
+        self.offloaded = !requests.is_empty();
     }
 
     /// Apply the port's TX rate limit to the chains taken. The first chain it refuses and
@@ -302,16 +337,28 @@ impl Scratch {
         let now = qos.tx.now_ns();
         // Usually the whole batch fits: one charge. Otherwise frame by frame, to find the
         // first that does not.
-        let (packets, bytes) = self
-            .chains
-            .iter()
-            .map(Chain::wire)
-            .fold((0, 0), |(p, b), (cp, cb)| (p + cp, b + cb));
+        let (packets, bytes) = if self.offloaded {
+            self.chains
+                .iter()
+                .zip(&self.requests)
+                .map(|(c, r)| c.wire(r))
+                .fold((0, 0), |(p, b), (cp, cb)| (p + cp, b + cb))
+        } else {
+            let bytes: usize = self
+                .chains
+                .iter()
+                .map(|c| c.total.saturating_sub(NET_HDR_LEN))
+                .sum();
+            (self.chains.len() as u64, bytes as u64)
+        };
         if qos.tx.consume_at(bytes, packets, now).is_ok() {
             return false;
         }
         for (k, c) in self.chains.iter().enumerate() {
-            let (packets, bytes) = c.wire();
+            let (packets, bytes) = match self.requests.get(k) {
+                Some(r) => c.wire(r),
+                None => (1, c.total.saturating_sub(NET_HDR_LEN) as u64),
+            };
             let Err(wait) = qos.tx.consume_at(bytes, packets, now) else {
                 continue;
             };
@@ -324,6 +371,7 @@ impl Scratch {
             queue.set_next_avail(queue.next_avail().wrapping_sub(back as u16));
             self.heads.truncate(taken);
             self.chains.truncate(k);
+            self.requests.truncate(k);
             let batch = qos
                 .tx
                 .time_until(bytes * RATE_WAKEUP_FRAMES, packets * RATE_WAKEUP_FRAMES);
@@ -337,7 +385,9 @@ impl Scratch {
     }
 
     /// Check each chain's frame and offload request, and collect the well-formed frames.
-    fn classify(&mut self, port: &Port) {
+    /// Without `OFFLOADED` (no chain made a request: the usual batch) every offload branch
+    /// is compiled out.
+    fn classify<const OFFLOADED: bool>(&mut self, port: &Port) {
         self.frames.clear();
         self.ranges.clear();
         for (k, c) in self.chains.iter().enumerate() {
@@ -349,12 +399,13 @@ impl Scratch {
             let frame_len = c.total - NET_HDR_LEN;
             let peek_len = PEEK_LEN.min(frame_len);
             let snapshot = &mut self.heads_snapshot[k];
-            let off = match &c.off {
-                Ok(off) => *off,
-                Err(e) => {
+            let off = match self.requests.get(k) {
+                Some(Ok(off)) if OFFLOADED => *off,
+                Some(Err(e)) if OFFLOADED => {
                     port.count_drop(&port.stats.drop_malformed, &e.to_string());
                     continue;
                 }
+                _ => Offload::default(),
             };
             let hdr = match frame::parse(&snapshot[..peek_len], frame_len) {
                 Ok(h) => h,
