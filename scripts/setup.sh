@@ -46,6 +46,11 @@ PROVIDES[dpdk-dev]=dpdk-testpmd
 PACKAGES+=(g++)
 PROVIDES[g++]=g++
 
+# The test guest's tcpblast (tests/guest-tools), linked static by build-guest.sh:
+#   libc6-dev        glibc's static libc.a
+PACKAGES+=(libc6-dev)
+PROVIDES[libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
+
 MISSING="$(missing_packages | tr '\n' ' ')"
 if [ -n "${MISSING// /}" ]; then
     log "missing: $MISSING"
