@@ -487,6 +487,7 @@ mod tests {
     use crate::policy::qos::PortQos;
     use crate::port::PortSpec;
     use crate::wire::guest::Mem;
+    use crate::wire::vnet;
 
     const QSIZE: u16 = 16;
 
@@ -637,7 +638,6 @@ mod tests {
     #[test]
     fn segmentation_carried_or_done_per_receiver() {
         use crate::wire::gso::testing::{tcp_checksum_ok, tcp_frame};
-        use crate::wire::vnet;
         use virtio_bindings::virtio_net::*;
 
         let trunk = VlanMode::Trunk {
@@ -756,5 +756,143 @@ mod tests {
         assert!(payload == frame[14 + 20 + 32..], "the stream, in order");
         assert_eq!(stat(2, |s| &s.tx_sw_offload), 1);
         assert_eq!(stat(2, |s| &s.tx_packets), 3);
+    }
+
+    /// A guest that leaves its ping's checksum to the switch (NEEDS_CSUM) is answered by the
+    /// VLAN's service endpoint, which checks checksums: the switch finished it first. The
+    /// same ping with the checksum left open but no request goes unanswered.
+    #[test]
+    fn service_endpoint_gets_checksums_finished() {
+        use crate::policy::service::ServicePort;
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{
+            ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+            EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
+        };
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF};
+
+        let service = ServicePort::new(10, "10.0.10.254".parse().expect("ip"), 24);
+        let svc_mac = ServicePort::mac_for(10).0;
+        let switch = Arc::new(Switch::new(
+            vec![port("a", VlanMode::Access(10))],
+            vec![service],
+            64,
+            std::time::Duration::from_secs(300),
+            vec![None],
+        ));
+        switch.ports[0].set_features(1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem"),
+        );
+        switch.set_mem(0, mem.clone());
+        let view = mem.memory();
+        // One guest's two rings, apart in its memory.
+        let txq = MockSplitQueue::new(&*view, QSIZE);
+        let rxq = MockSplitQueue::create(&*view, GuestAddress(0x8_0000), QSIZE);
+        let (tx, rx) = (vring(&mem, &txq), vring(&mem, &rxq));
+        switch.attach_rx(0, 0, &rx, true);
+        for i in 0..4u16 {
+            let addr = 0x4_0000 + u64::from(i) * 0x1000;
+            rxq.add_desc_chains(&chain(&[(addr, 2048, true)], i), i)
+                .expect("rx chain");
+        }
+
+        let guest = [2u8, 0, 0, 0, 0, 1];
+        let (guest_ip, svc_ip) = (
+            Ipv4Address::new(10, 0, 10, 1),
+            Ipv4Address::new(10, 0, 10, 254),
+        );
+        let eth = |dst: [u8; 6], proto, payload: usize| {
+            let repr = EthernetRepr {
+                src_addr: EthernetAddress(guest),
+                dst_addr: EthernetAddress(dst),
+                ethertype: proto,
+            };
+            let mut buf = vec![0u8; repr.buffer_len() + payload];
+            repr.emit(&mut EthernetFrame::new_unchecked(&mut buf));
+            buf
+        };
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(guest),
+            source_protocol_addr: guest_ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: svc_ip,
+        };
+        let mut arp_frame = eth([0xff; 6], EthernetProtocol::Arp, arp.buffer_len());
+        arp.emit(&mut ArpPacket::new_unchecked(&mut arp_frame[14..]));
+        let icmp = Icmpv4Repr::EchoRequest {
+            ident: 7,
+            seq_no: 1,
+            data: b"ping",
+        };
+        let ip = Ipv4Repr {
+            src_addr: guest_ip,
+            dst_addr: svc_ip,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut ping = eth(
+            svc_mac,
+            EthernetProtocol::Ipv4,
+            ip.buffer_len() + icmp.buffer_len(),
+        );
+        let caps = ChecksumCapabilities::default();
+        let mut p = Ipv4Packet::new_unchecked(&mut ping[14..]);
+        ip.emit(&mut p, &caps);
+        icmp.emit(&mut Icmpv4Packet::new_unchecked(p.payload_mut()), &caps);
+        // The ICMP checksum (no pseudo-header) left for the device: the field starts at 0.
+        ping[34 + 2..34 + 4].fill(0);
+        let request = Offload {
+            flags: vnet::F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 2,
+            ..Offload::default()
+        };
+
+        let frames: [(Offload, &[u8]); 3] = [
+            (Offload::default(), &arp_frame),
+            (Offload::default(), &ping),
+            (request, &ping),
+        ];
+        for (k, (off, frame)) in frames.iter().enumerate() {
+            let addr = 0x1_0000 + k as u64 * 0x1000;
+            let bytes = [&off.header(0)[..], frame].concat();
+            view.write_slice(&bytes, GuestAddress(addr)).expect("frame");
+            txq.add_desc_chains(
+                &chain(&[(addr, bytes.len() as u32, false)], k as u16),
+                k as u16,
+            )
+            .expect("tx chain");
+        }
+        assert_eq!(
+            super::pass(&switch, 0, &tx, &mut Scratch::default()),
+            Pass::Took(3)
+        );
+        // The ARP reply, then one echo reply: for the ping whose checksum was finished.
+        assert_eq!(rxq.used().idx().load(), 2, "ARP reply and one echo reply");
+        let used = rxq.used().ring().ref_at(1).expect("used").load();
+        let mut got = vec![0u8; used.len() as usize];
+        view.read_slice(
+            &mut got,
+            GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
+        )
+        .expect("read");
+        let f = EthernetFrame::new_checked(&got[NET_HDR_LEN..]).expect("frame");
+        let p = Ipv4Packet::new_checked(f.payload()).expect("ip");
+        let reply = Icmpv4Repr::parse(
+            &Icmpv4Packet::new_checked(p.payload()).expect("icmp"),
+            &caps,
+        )
+        .expect("icmp");
+        assert!(matches!(
+            reply,
+            Icmpv4Repr::EchoReply {
+                ident: 7,
+                seq_no: 1,
+                ..
+            }
+        ));
     }
 }
