@@ -36,8 +36,8 @@ pub struct Out {
 /// Where one frame goes in a destination's receive ring.
 enum Plan {
     /// The usual case: a frame in one source buffer, leaving as it came with no offload,
-    /// into one receive buffer that holds it. The header, the frame's head (the switch's snapshot of it,
-    /// PEEK_LEN bytes) and one copy of the rest, nothing to walk.
+    /// into one receive buffer that holds it. The header, the frame's head (the switch's
+    /// snapshot of it, PEEK_LEN bytes) and one copy of the rest, nothing to walk.
     Direct {
         head: *const u8,
         src: *const u8,
@@ -93,8 +93,12 @@ pub fn deliver(p: &Port, items: &[Out], ranges: &[HostRange], offloaded: bool, s
     if s.accepted.is_empty() {
         return;
     }
+    if !offloaded {
+        to_queues(p, ranges, s);
+        return;
+    }
     let guest = Offloads::guest(p.features());
-    if !offloaded || s.accepted.iter().all(|o| guest.takes(&o.off)) {
+    if s.accepted.iter().all(|o| guest.takes(&o.off)) {
         to_queues(p, ranges, s);
         return;
     }
@@ -471,17 +475,14 @@ fn plan_copy(
             s.dest.truncate(dest);
         }
         _ => {
-            let shift = match egress {
-                Egress::AsIs => 0,
-                Egress::Strip => -(VLAN_HLEN as isize),
-                Egress::Insert(_) => VLAN_HLEN as isize,
-            };
             let pieces = s.pieces.len();
             let planned = copy::plan(
                 src,
                 egress,
                 Piece::Inline {
-                    bytes: off.shifted(shift).header(s.frame_chains.len() as u16),
+                    bytes: off
+                        .shifted(egress.delta())
+                        .header(s.frame_chains.len() as u16),
                     len: NET_HDR_LEN,
                 },
                 &mut s.pieces,

@@ -224,13 +224,8 @@ impl Switch {
         unsafe { copy::copy(&pieces, &dest) };
         let mut frames = vec![buf];
         if o.off != Offload::default() {
-            let shift = if o.tagged {
-                -(frame::VLAN_HLEN as isize)
-            } else {
-                0
-            };
             let mut pool = Pool::default();
-            match gso::resolve(&frames[0], &o.off.shifted(shift), &mut pool) {
+            match gso::resolve(&frames[0], &o.off.shifted(egress.delta()), &mut pool) {
                 Ok(made) => frames = made.map(|k| pool.frame(k).to_vec()).collect(),
                 Err(e) => {
                     let sp = &self.ports[src];

@@ -80,12 +80,13 @@ pub fn pass(switch: &Switch, src: usize, tx: &VringRwLock, s: &mut Scratch) -> P
     s.take(&ring, next, posted, port, host);
     queue.set_next_avail(next.wrapping_add(s.heads.len() as u16));
     let throttled = s.police(queue, port);
-    if s.offloaded {
+    let offloaded = s.offloaded();
+    if offloaded {
         s.classify::<true>(port);
     } else {
         s.classify::<false>(port);
     }
-    switch.forward_batch(src, &s.frames, &s.ranges, s.offloaded, &mut s.forward);
+    switch.forward_batch(src, &s.frames, &s.ranges, offloaded, &mut s.forward);
     let mut used = ring.used_batch(queue);
     for &head in &s.heads {
         ring.add_used(&mut used, head, 0);
@@ -112,7 +113,6 @@ pub struct Scratch {
     /// Each chain's offload request, when some chain makes one; else empty, and every later
     /// step takes its plain path (the usual batch).
     requests: Vec<Request>,
-    offloaded: bool,
     raw: Vec<HostRange>,
     /// Well-formed frames, their bytes (after the virtio-net header) in `ranges`.
     frames: Vec<Frame>,
@@ -140,8 +140,8 @@ enum Refused {
 /// Read a chain's virtio-net header and first frame bytes (`raw`, `total` bytes) into
 /// switch memory, once, and check its offload request against `host` (None: it makes
 /// none): the snapshot gets the frame's first bytes, `heads` a segmentation request's
-/// headers. Every byte a
-/// decision depends on is read here; the guest may rewrite its buffer at any time after.
+/// headers. Every byte a decision depends on is read here; the guest may rewrite its
+/// buffer at any time after.
 #[inline(always)]
 fn read_head(
     raw: &[HostRange],
@@ -238,12 +238,13 @@ struct Chain {
 type Request = Result<Offload, Box<Refused>>;
 
 impl Chain {
-    /// The frames and bytes on the wire the chain's frame stands for, given its request.
-    fn wire(&self, off: &Request) -> (u64, u64) {
+    /// The frames and bytes on the wire the chain's frame stands for, given its request
+    /// (None: it made none).
+    fn wire(&self, request: Option<&Request>) -> (u64, u64) {
         let len = self.total.saturating_sub(NET_HDR_LEN);
-        match off {
-            Ok(off) => off.wire(len),
-            Err(_) => (1, len as u64),
+        match request {
+            Some(Ok(off)) => off.wire(len),
+            _ => (1, len as u64),
         }
     }
 }
@@ -259,7 +260,6 @@ impl Default for Scratch {
             heads: Vec::new(),
             chains: Vec::new(),
             requests: Vec::new(),
-            offloaded: false,
             raw: Vec::new(),
             frames: Vec::new(),
             ranges: Vec::new(),
@@ -271,6 +271,11 @@ impl Default for Scratch {
 }
 
 impl Scratch {
+    /// Whether some chain of the batch made an offload request.
+    fn offloaded(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
     /// Take up to a batch of the `posted` chains from avail position `next` on, check
     /// that their buffers are device-readable and lie in guest memory, and read each one's
     /// header and first frame bytes (checking its offload request against `host`).
@@ -324,7 +329,6 @@ impl Scratch {
                 None => {}
             }
         }
-        self.offloaded = !requests.is_empty();
     }
 
     /// Apply the port's TX rate limit to the chains taken. The first chain it refuses and
@@ -337,28 +341,17 @@ impl Scratch {
         let now = qos.tx.now_ns();
         // Usually the whole batch fits: one charge. Otherwise frame by frame, to find the
         // first that does not.
-        let (packets, bytes) = if self.offloaded {
-            self.chains
-                .iter()
-                .zip(&self.requests)
-                .map(|(c, r)| c.wire(r))
-                .fold((0, 0), |(p, b), (cp, cb)| (p + cp, b + cb))
-        } else {
-            let bytes: usize = self
-                .chains
-                .iter()
-                .map(|c| c.total.saturating_sub(NET_HDR_LEN))
-                .sum();
-            (self.chains.len() as u64, bytes as u64)
-        };
+        let (packets, bytes) = self
+            .chains
+            .iter()
+            .enumerate()
+            .map(|(k, c)| c.wire(self.requests.get(k)))
+            .fold((0, 0), |(p, b), (cp, cb)| (p + cp, b + cb));
         if qos.tx.consume_at(bytes, packets, now).is_ok() {
             return false;
         }
         for (k, c) in self.chains.iter().enumerate() {
-            let (packets, bytes) = match self.requests.get(k) {
-                Some(r) => c.wire(r),
-                None => (1, c.total.saturating_sub(NET_HDR_LEN) as u64),
-            };
+            let (packets, bytes) = c.wire(self.requests.get(k));
             let Err(wait) = qos.tx.consume_at(bytes, packets, now) else {
                 continue;
             };
@@ -517,6 +510,19 @@ mod tests {
         }
         v.set_enabled(true);
         v
+    }
+
+    /// What receive queue `q`, whose chain `i` is one buffer at 0x4_0000 + 0x1000 * i,
+    /// got in its used entry `k`.
+    fn received(q: &MockSplitQueue<'_, Mem>, mem: &Mem, k: usize) -> Vec<u8> {
+        let used = q.used().ring().ref_at(k).expect("used").load();
+        let mut buf = vec![0u8; used.len() as usize];
+        mem.read_slice(
+            &mut buf,
+            GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
+        )
+        .expect("read");
+        buf
     }
 
     fn chain(descs: &[(u64, u32, bool)], first: u16) -> Vec<RawDescriptor> {
@@ -704,18 +710,7 @@ mod tests {
         assert_eq!(stat(0, |s| &s.drop_malformed), 0);
         // b: one frame in two receive buffers, the request in its header, the tag in.
         assert_eq!(rxb.used().idx().load(), 2);
-        let mut got = Vec::new();
-        for k in 0..2 {
-            let used = rxb.used().ring().ref_at(k).expect("used").load();
-            let mut buf = vec![0u8; used.len() as usize];
-            views[1]
-                .read_slice(
-                    &mut buf,
-                    GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
-                )
-                .expect("read");
-            got.extend_from_slice(&buf);
-        }
+        let got = [received(&rxb, &views[1], 0), received(&rxb, &views[1], 1)].concat();
         let hdr: [u8; NET_HDR_LEN] = got[..NET_HDR_LEN].try_into().expect("header");
         let carried = Offload::from_header(&hdr);
         assert_eq!(
@@ -740,14 +735,7 @@ mod tests {
         assert_eq!(rxc.used().idx().load(), 3);
         let mut payload = Vec::new();
         for k in 0..3 {
-            let used = rxc.used().ring().ref_at(k).expect("used").load();
-            let mut buf = vec![0u8; used.len() as usize];
-            views[2]
-                .read_slice(
-                    &mut buf,
-                    GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
-                )
-                .expect("read");
+            let buf = received(&rxc, &views[2], k);
             assert_eq!(buf[..NET_HDR_LEN], vnet::header(1), "no offload left");
             let seg = &buf[NET_HDR_LEN..];
             assert!(tcp_checksum_ok(seg), "segment {k}");
@@ -872,13 +860,7 @@ mod tests {
         );
         // The ARP reply, then one echo reply: for the ping whose checksum was finished.
         assert_eq!(rxq.used().idx().load(), 2, "ARP reply and one echo reply");
-        let used = rxq.used().ring().ref_at(1).expect("used").load();
-        let mut got = vec![0u8; used.len() as usize];
-        view.read_slice(
-            &mut got,
-            GuestAddress(0x4_0000 + 0x1000 * u64::from(used.id())),
-        )
-        .expect("read");
+        let got = received(&rxq, &view, 1);
         let f = EthernetFrame::new_checked(&got[NET_HDR_LEN..]).expect("frame");
         let p = Ipv4Packet::new_checked(f.payload()).expect("ip");
         let reply = Icmpv4Repr::parse(

@@ -50,6 +50,16 @@ impl Egress {
             Egress::Insert(_) => len + VLAN_HLEN,
         }
     }
+
+    /// Bytes the edit adds before the frame's L3 header (a tag's worth, either way): what
+    /// an offload request's offsets move by.
+    pub fn delta(self) -> isize {
+        match self {
+            Egress::AsIs => 0,
+            Egress::Strip => -(VLAN_HLEN as isize),
+            Egress::Insert(_) => VLAN_HLEN as isize,
+        }
+    }
 }
 
 /// One piece of the byte stream written to the destination.

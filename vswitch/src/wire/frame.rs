@@ -108,8 +108,8 @@ pub fn parse(peek: &[u8], len: usize) -> Result<Header, FrameError> {
 /// options or an IPv6 header, and the ports.
 pub const FLOW_PEEK: usize = ETH_HLEN + VLAN_HLEN + 60 + 4;
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 /// Protocols whose first four bytes are the source and destination ports.
 const PORTED: [u8; 3] = [6, 17, 132];
 

@@ -6,12 +6,10 @@
 
 use std::ops::Range;
 
-use super::frame::{ETH_HLEN, TPID_8021Q, VLAN_HLEN};
+use super::frame::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN, TPID_8021Q, VLAN_HLEN};
 use super::guest::HostRange;
 use super::vnet::{Offload, GSO_ECN, GSO_TCPV6};
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;

@@ -54,27 +54,41 @@ pub const OFFLOAD_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
 impl Offloads {
     /// What the switch may receive from a guest that acked `features`.
     pub fn host(features: u64) -> Offloads {
-        let has = |bit: u32| features & (1 << bit) != 0;
-        let csum = has(VIRTIO_NET_F_CSUM);
-        // Segmentation needs the checksum offload as well (the spec makes the one depend
-        // on the other).
-        Offloads {
-            csum,
-            tso4: csum && has(VIRTIO_NET_F_HOST_TSO4),
-            tso6: csum && has(VIRTIO_NET_F_HOST_TSO6),
-            ecn: csum && has(VIRTIO_NET_F_HOST_ECN),
-        }
+        Offloads::acked(
+            features,
+            [
+                VIRTIO_NET_F_CSUM,
+                VIRTIO_NET_F_HOST_TSO4,
+                VIRTIO_NET_F_HOST_TSO6,
+                VIRTIO_NET_F_HOST_ECN,
+            ],
+        )
     }
 
     /// What a guest that acked `features` takes in received frames.
     pub fn guest(features: u64) -> Offloads {
+        Offloads::acked(
+            features,
+            [
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_GUEST_ECN,
+            ],
+        )
+    }
+
+    /// One direction's offloads from the feature bits of its checksum, TSO4, TSO6 and ECN.
+    fn acked(features: u64, [csum, tso4, tso6, ecn]: [u32; 4]) -> Offloads {
         let has = |bit: u32| features & (1 << bit) != 0;
-        let csum = has(VIRTIO_NET_F_GUEST_CSUM);
+        // Segmentation needs the checksum offload as well (the spec makes the one depend
+        // on the other).
+        let csum = has(csum);
         Offloads {
             csum,
-            tso4: csum && has(VIRTIO_NET_F_GUEST_TSO4),
-            tso6: csum && has(VIRTIO_NET_F_GUEST_TSO6),
-            ecn: csum && has(VIRTIO_NET_F_GUEST_ECN),
+            tso4: csum && has(tso4),
+            tso6: csum && has(tso6),
+            ecn: csum && has(ecn),
         }
     }
 
