@@ -394,26 +394,10 @@ fn preflight(args: &Args, targets: &[Target]) -> Result<Option<PathBuf>, String>
     }
     let mut vswitch = None;
     if targets.contains(&Target::Vswitch) {
-        let path = match &args.vswitch {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| format!("current_exe: {e}"))?
-                .with_file_name("vswitch"),
-        };
-        if !path.is_file() {
-            return Err(format!(
-                "vswitch binary not found at {}: build it with `cargo build --release -p vswitch` \
-                 (or pass --vswitch PATH, or leave it out with --targets ovs,vhost-pmd)",
-                path.display()
-            ));
-        }
-        if !path.to_string_lossy().contains("/release/") {
-            eprintln!(
-                "warning: {} does not look like a release build",
-                path.display()
-            );
-        }
-        vswitch = Some(path);
+        vswitch = Some(vswitch_binary(
+            args.vswitch.as_deref(),
+            "--targets ovs,vhost-pmd",
+        )?);
     }
     if targets.contains(&Target::Ovs) {
         ovs::available()?;
@@ -433,6 +417,31 @@ fn preflight(args: &Args, targets: &[Target]) -> Result<Option<PathBuf>, String>
         ));
     }
     Ok(vswitch)
+}
+
+/// The vswitch binary to measure: `given`, else `vswitch` next to this runner (the
+/// release build). `leave_out` is the option that measures without it.
+fn vswitch_binary(given: Option<&Path>, leave_out: &str) -> Result<PathBuf, String> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("current_exe: {e}"))?
+            .with_file_name("vswitch"),
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "vswitch binary not found at {}: build it with `cargo build --release -p vswitch` \
+             (or pass --vswitch PATH, or leave it out with {leave_out})",
+            path.display()
+        ));
+    }
+    if !path.to_string_lossy().contains("/release/") {
+        eprintln!(
+            "warning: {} does not look like a release build",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 fn hugepages_free_mb() -> u64 {

@@ -213,16 +213,6 @@ fn stream(sockets: &[PathBuf; 2], listen: bool, mib: u32) -> Result<Sample, Stri
     })
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
 pub fn run(args: &Args) -> Result<(), String> {
     let mut targets = Vec::new();
     for t in &args.targets {
@@ -249,19 +239,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let vswitch = if targets.contains(&Target::Vswitch) {
-        let path = match &args.vswitch {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| format!("current_exe: {e}"))?
-                .with_file_name("vswitch"),
-        };
-        if !path.is_file() {
-            return Err(format!(
-                "vswitch binary not found at {}: `cargo build --release -p vswitch`",
-                path.display()
-            ));
-        }
-        Some(path)
+        Some(super::vswitch_binary(
+            args.vswitch.as_deref(),
+            "--targets ovs",
+        )?)
     } else {
         None
     };
@@ -310,7 +291,7 @@ pub fn run(args: &Args) -> Result<(), String> {
 
     let rate = |t: Target, offloads: bool| -> Option<f64> {
         let k = cases.iter().position(|&c| c == (t, offloads))?;
-        median(samples[k].iter().map(|s| s.mbit).collect())
+        super::median(&samples[k].iter().map(|s| s.mbit).collect::<Vec<_>>())
     };
     let mut md = String::new();
     let _ = writeln!(
